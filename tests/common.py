@@ -1,0 +1,67 @@
+"""Shared test helpers: synthetic image+text data and state-dict comparisons."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from PIL import Image, ImageDraw
+
+from vr_plugin.tiny import IMAGE_SIZE, IMAGE_TOKEN_ID, image_token_count
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
+
+
+def synthetic_image(seed: int, size: int = IMAGE_SIZE) -> Image.Image:
+    """A PIL picture of one coloured shape on a grey background."""
+    rng = random.Random(seed)
+    image = Image.new("RGB", (size, size), (128, 128, 128))
+    draw = ImageDraw.Draw(image)
+    colour = rng.choice(list(COLOURS.values()))
+    x, y = rng.randint(0, size // 2), rng.randint(0, size // 2)
+    box = (x, y, x + size // 3, y + size // 3)
+    (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+    return image
+
+
+def clip_processor():
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+
+
+class LlavaSynthetic(torch.utils.data.Dataset):
+    """``n`` samples of ``[bos] <image tokens> <text>`` with real PIL images through a CLIP image processor."""
+
+    def __init__(self, config, n: int = 8, text_len: int = 6, seed: int = 0):
+        processor = clip_processor()
+        generator = torch.Generator().manual_seed(seed)
+        tokens = image_token_count(config)
+        self.samples = []
+        for i in range(n):
+            pixels = processor(images=synthetic_image(seed * 1000 + i), return_tensors="pt")["pixel_values"][0]
+            text = torch.randint(3, IMAGE_TOKEN_ID - 4, (text_len,), generator=generator)
+            ids = torch.cat([torch.tensor([1]), torch.full((tokens,), IMAGE_TOKEN_ID), text])
+            labels = torch.where(ids == IMAGE_TOKEN_ID, torch.full_like(ids, -100), ids)
+            self.samples.append({"input_ids": ids, "labels": labels, "pixel_values": pixels})
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        return self.samples[index]
+
+
+def collate(samples):
+    batch = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    return batch
+
+
+def snapshot(model) -> dict:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def changed(before: dict, model) -> set:
+    """Names of parameters that are not bit-identical to ``before``."""
+    return {name for name, p in model.named_parameters() if not torch.equal(before[name], p.detach())}

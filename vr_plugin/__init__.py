@@ -1,0 +1,51 @@
+"""vr_plugin: tune (and prune around) the visual region of an LVLM's LLM.
+
+``select_layers`` is pure Python; everything else imports torch on first use,
+so ``import vr_plugin`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._logging import setup_logging
+from .spec import select_layers
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported lazily)
+_LAZY = {
+    "find_decoder_layers": "locate",
+    "map_parameters": "locate",
+    "DecoderLayers": "locate",
+    "num_layers_from_config": "locate",
+    "apply_visual_region": "freeze",
+    "RegionPlan": "freeze",
+    "RegionFreezeCallback": "callback",
+    "read_region": "record",
+    "read_pruning": "record",
+}
+
+__all__ = ["__version__", "select_layers", *_LAZY]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .callback import RegionFreezeCallback  # noqa: F401
+    from .freeze import RegionPlan, apply_visual_region  # noqa: F401
+    from .locate import DecoderLayers, find_decoder_layers, map_parameters, num_layers_from_config  # noqa: F401
+    from .record import read_pruning, read_region  # noqa: F401
+
+setup_logging()
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vr_plugin' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,153 @@
+"""``RegionFreezeCallback``: the visual region for any ``transformers.Trainer``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Iterable, Optional, Union
+
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .freeze import RegionPlan, apply_visual_region
+from .record import RegionRecord, check_resume_region, save_region_file
+
+__all__ = ["RegionFreezeCallback", "optimizer_parameters", "verify_optimizer"]
+
+logger = logging.getLogger(__name__)
+
+# Attributes under which DeepSpeed optimizers keep the model's own (16-bit) parameters.
+_DEEPSPEED_GROUPS = ("bit16_groups", "fp16_groups", "bf16_groups")
+
+
+def _deepspeed_groups(optimizer: Any) -> Optional[list]:
+    for attr in _DEEPSPEED_GROUPS:
+        groups = getattr(optimizer, attr, None)
+        if groups:
+            return groups
+    return None
+
+
+def _innermost(optimizer: Any) -> Any:
+    """Look through accelerate / DeepSpeed wrappers down to the object that holds the model's parameters."""
+    for _ in range(8):
+        if _deepspeed_groups(optimizer) is not None:
+            return optimizer
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer:
+            return optimizer
+        optimizer = inner
+    return optimizer
+
+
+def optimizer_parameters(optimizer: Any) -> list:
+    """The model parameters an optimizer updates (also for DeepSpeed ZeRO-1/2/3 and accelerate wrappers)."""
+    holder = _innermost(optimizer)
+    groups = _deepspeed_groups(holder)
+    if groups is not None:
+        return [p for group in groups for p in group]
+    return [p for group in holder.param_groups for p in group["params"]]
+
+
+def verify_optimizer(optimizer: Any, plan: RegionPlan, model: Any = None) -> None:
+    """Raise ``RuntimeError`` unless ``optimizer`` holds exactly the plan's trainable parameters."""
+    held = {id(p) for p in optimizer_parameters(optimizer)}
+    wanted = {id(p) for p in plan.trainable_params}
+    if held == wanted:
+        return
+    names = {}
+    if model is not None:
+        names = {id(p): n for n, p in model.named_parameters()}
+    extra = sorted(names.get(i, "<unnamed>") for i in held - wanted)
+    missing = sorted(names.get(i, "<unnamed>") for i in wanted - held)
+    raise RuntimeError(
+        f"The optimizer does not hold exactly the visual region's trainable parameters ({plan.spec!r}): "
+        f"{len(extra)} frozen tensors are in it (e.g. {extra[:5]}), {len(missing)} trainable ones are missing "
+        f"(e.g. {missing[:5]}). Freeze before the optimizer is built: pass RegionFreezeCallback to "
+        "Trainer(callbacks=[...]) instead of trainer.add_callback(...)."
+    )
+
+
+def _drop_frozen(optimizer: Any, world_size: int) -> int:
+    """Remove frozen tensors from an already-built (not yet stepped) torch optimizer."""
+    holder = _innermost(optimizer)
+    if _deepspeed_groups(holder) is not None or world_size > 1:
+        raise RuntimeError(
+            "RegionFreezeCallback was attached after the Trainer built its optimizer "
+            f"({'a DeepSpeed engine' if _deepspeed_groups(holder) is not None else f'{world_size} distributed ranks'} "
+            "already registered every parameter), so the region cannot be applied safely. Pass it to the "
+            "constructor: Trainer(..., callbacks=[RegionFreezeCallback(...)])."
+        )
+    dropped = 0
+    for group in holder.param_groups:
+        keep = [p for p in group["params"] if p.requires_grad]
+        stepped = [p for p in group["params"] if not p.requires_grad and holder.state.get(p)]
+        if stepped:
+            raise RuntimeError("RegionFreezeCallback: the optimizer has already stepped frozen parameters")
+        dropped += len(group["params"]) - len(keep)
+        group["params"] = keep
+    return dropped
+
+
+def _resume_candidates(args: Any) -> list:
+    found = []
+    resume = getattr(args, "resume_from_checkpoint", None)
+    if isinstance(resume, str) and os.path.isdir(resume):
+        found.append(resume)
+    output_dir = getattr(args, "output_dir", None)
+    if output_dir and os.path.isdir(output_dir):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(output_dir)
+        if last:
+            found.append(last)
+    return found
+
+
+class RegionFreezeCallback(TrainerCallback):
+    """Tune only the visual region in a ``transformers.Trainer`` run.
+
+    Freezes in ``on_init_end`` (before the optimizer or a DeepSpeed engine
+    exists), verifies in ``on_train_begin`` that the optimizer holds exactly
+    the plan's parameters and logs one line, and writes ``visual_region.json``
+    into every checkpoint.  ``spec`` and ``options`` are those of
+    :func:`vr_plugin.apply_visual_region`.
+    """
+
+    def __init__(self, spec: Union[str, Iterable[int]], **options: Any) -> None:
+        self.spec = spec
+        self.options = options
+        self.plan: Optional[RegionPlan] = None
+
+    def apply(self, model: Any) -> RegionPlan:
+        """Freeze ``model`` now (idempotent for the same model)."""
+        self.plan = apply_visual_region(model, self.spec, **self.options)
+        return self.plan
+
+    def on_init_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is None:
+            raise RuntimeError("RegionFreezeCallback needs the Trainer's model in on_init_end")
+        self.apply(model)
+        if optimizer is not None:  # Trainer(optimizers=(opt, sched)) built it before us
+            _drop_frozen(optimizer, getattr(args, "world_size", 1))
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.plan is None:
+            logger.warning("RegionFreezeCallback was added after the Trainer was built; freezing now")
+            self.apply(model)
+            if optimizer is not None:
+                _drop_frozen(optimizer, getattr(args, "world_size", 1))
+        if state.global_step > 0:
+            for checkpoint in _resume_candidates(args):
+                check_resume_region(checkpoint, self.plan.layers, self.plan.spec)
+        if optimizer is not None:
+            verify_optimizer(optimizer, self.plan, model)
+        else:
+            logger.warning("RegionFreezeCallback: no optimizer visible in on_train_begin; not verified")
+        if state.is_world_process_zero:
+            logger.info(self.plan.summary())
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.plan is not None and state.is_world_process_zero:
+            directory = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            save_region_file(directory, RegionRecord(self.plan.spec, self.plan.layers, self.plan.num_layers))
