@@ -1,0 +1,97 @@
+"""Legacy software stacks the test suite also runs on, each in its own virtual environment.
+
+``python -m pytest`` (in today's stack) creates ``.venvs/<name>`` on first use, reuses it while its
+requirements are unchanged, and runs part of the suite inside it (``tests/test_stacks.py``).  Inside such a
+run ``VR_STACK`` names the stack, so stack-only tests (``tests/llava``, ``tests/bunny``) know where they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENVS = ROOT / ".venvs"
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A pinned environment: what to install and which tests to run in it."""
+
+    name: str
+    requirements: tuple
+    no_deps: tuple = ()
+    tests: tuple = ()
+    note: str = ""
+    env: dict = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return VENVS / self.name
+
+    @property
+    def python(self) -> Path:
+        return self.path / "bin" / "python"
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps([self.requirements, self.no_deps]).encode()).hexdigest()[:16]
+
+
+COMMON_TEST_TOOLS = ("pytest", "hypothesis")
+
+STACKS = {
+    # LLaVA (haotian-liu/LLaVA c121f04 == llava-torch 1.2.2.post1) on its transformers pin.
+    "llava": Stack(
+        name="llava",
+        requirements=(
+            "torch==2.13.0",
+            "transformers==4.37.2",
+            "tokenizers<0.16",
+            "sentencepiece",
+            "protobuf",
+            "peft==0.10.0",
+            "accelerate==0.27.2",
+            "deepspeed==0.19.8",
+            "einops",
+            "einops-exts",
+            "shortuuid",
+            "pillow",
+            "numpy<2",
+            *COMMON_TEST_TOOLS,
+        ),
+        no_deps=("llava-torch==1.2.2.post1", "timm==1.0.31"),
+        tests=("tests/test_locate.py", "tests/test_freeze.py", "tests/test_callback.py", "tests/llava"),
+        note="transformers 4.37.2: HF Llava at language_model.model.layers; LLaVA's own LlavaLlamaForCausalLM",
+    ),
+}
+
+
+def _run(command: list, **kwargs) -> None:
+    subprocess.run(command, check=True, **kwargs)
+
+
+def ensure(stack: Stack) -> Path:
+    """Create (or reuse) the stack's virtual environment with vr_plugin from this checkout; return its python."""
+    stamp = stack.path / ".vr-stack"
+    if stamp.is_file() and stamp.read_text().strip() == stack.fingerprint() and stack.python.exists():
+        return stack.python
+    VENVS.mkdir(exist_ok=True)
+    _run([sys.executable, "-m", "venv", "--clear", str(stack.path)])
+    pip = [str(stack.python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    _run(pip + ["--upgrade", "pip"])
+    _run(pip + list(stack.requirements))
+    if stack.no_deps:
+        _run(pip + ["--no-deps"] + list(stack.no_deps))
+    _run(pip + ["--no-deps", "-e", str(ROOT)])
+    stamp.write_text(stack.fingerprint())
+    return stack.python
+
+
+def current() -> str:
+    """The stack this process runs in ('' for today's stack)."""
+    return os.environ.get("VR_STACK", "")
