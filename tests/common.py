@@ -5,9 +5,14 @@ from __future__ import annotations
 import random
 
 import torch
+import transformers
+from packaging import version
 from PIL import Image, ImageDraw
 
 from vr_plugin.tiny import IMAGE_SIZE, IMAGE_TOKEN_ID, image_token_count
+
+# transformers 4.52 moved HF VLMs' language model under `model.` (model.language_model.layers)
+NEW_HF_LAYOUT = version.parse(transformers.__version__) >= version.parse("4.52")
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
 
@@ -65,3 +70,11 @@ def snapshot(model) -> dict:
 def changed(before: dict, model) -> set:
     """Names of parameters that are not bit-identical to ``before``."""
     return {name for name, p in model.named_parameters() if not torch.equal(before[name], p.detach())}
+
+
+def freeze_vision(model) -> None:
+    """Freeze the vision tower (not the projector), as LVLM recipes load it."""
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        if ("vision_tower" in parts or "visual" in parts or "vision_model" in parts) and "merger" not in parts:
+            param.requires_grad_(False)

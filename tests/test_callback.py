@@ -11,14 +11,15 @@ from vr_plugin import RegionFreezeCallback, select_layers
 from vr_plugin.callback import optimizer_parameters
 from vr_plugin.tiny import build_model
 
-from .common import LlavaSynthetic, changed, collate, snapshot
+from .common import LlavaSynthetic, changed, collate, freeze_vision, snapshot
+from .test_locate import EXPECTED
 
-LAYERS = "model.language_model.layers"
+LAYERS, PROJECTOR, _ = EXPECTED["llava"]
 
 
 def _model():
     model = build_model("llava")
-    model.model.vision_tower.requires_grad_(False)  # as every LVLM recipe loads it
+    freeze_vision(model)  # as every LVLM recipe loads it
     return model
 
 
@@ -40,7 +41,7 @@ def _args(tmp_path, **kw):
 
 
 def _expected_changed(model, region):
-    prefixes = tuple(f"{LAYERS}.{i}." for i in region) + ("model.multi_modal_projector.",)
+    prefixes = tuple(f"{LAYERS}.{i}." for i in region) + tuple(PROJECTOR)
     return {n for n, _ in model.named_parameters() if n.startswith(prefixes)}
 
 

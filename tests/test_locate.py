@@ -8,8 +8,10 @@ from vr_plugin import find_decoder_layers, map_parameters, num_layers_from_confi
 from vr_plugin.locate import unwrap_model
 from vr_plugin.tiny import ARCHITECTURES, available, build_config, build_model
 
-# arch -> (decoder path, projector prefixes, vision prefix)
-EXPECTED = {
+from .common import NEW_HF_LAYOUT
+
+# arch -> (decoder path, projector prefixes, vision prefix), transformers >= 4.52 layout
+NEW_LAYOUT = {
     "llava": ("model.language_model.layers", ["model.multi_modal_projector."], "model.vision_tower."),
     "llava_next": (
         "model.language_model.layers",
@@ -27,6 +29,18 @@ EXPECTED = {
     "paligemma": ("model.language_model.layers", ["model.multi_modal_projector."], "model.vision_tower."),
     "llama": ("model.layers", [], None),
 }
+# transformers <= 4.51: the language model sits at the top level of the VLMs
+OLD_LAYOUT = {
+    "llava": ("language_model.model.layers", ["multi_modal_projector."], "vision_tower."),
+    "llava_next": ("language_model.model.layers", ["multi_modal_projector.", "image_newline"], "vision_tower."),
+    "llava_onevision": ("language_model.model.layers", ["multi_modal_projector.", "image_newline"], "vision_tower."),
+    "qwen2_vl": ("model.layers", ["visual.merger."], "visual."),
+    "qwen2_5_vl": ("model.layers", ["visual.merger."], "visual."),
+    "idefics3": ("model.text_model.layers", ["model.connector."], "model.vision_model."),
+    "paligemma": ("language_model.model.layers", ["multi_modal_projector."], "vision_tower."),
+    "llama": ("model.layers", [], None),
+}
+EXPECTED = NEW_LAYOUT if NEW_HF_LAYOUT else OLD_LAYOUT
 _MISSING = "missing in this transformers"
 ARCHS = [pytest.param(a, marks=pytest.mark.skipif(not available(a), reason=_MISSING)) for a in EXPECTED]
 
@@ -77,18 +91,21 @@ def test_peft_wrapped(models):
     model = build_model("llava")
     wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     layers, name = find_decoder_layers(wrapped)
-    assert name == "base_model.model.model.language_model.layers"
-    assert wrapped.get_submodule(name) is layers is model.model.language_model.layers
+    path = EXPECTED["llava"][0]
+    assert name == f"base_model.model.{path}"
+    assert wrapped.get_submodule(name) is layers is model.get_submodule(path)
     assert unwrap_model(wrapped) is model
 
 
 def test_compiled_and_data_parallel_wrappers(models):
-    model = models["qwen2_vl"]
+    arch = "qwen2_vl" if available("qwen2_vl") else "llava"
+    model = models[arch]
     compiled = torch.compile(model)
     layers, name = find_decoder_layers(compiled)
-    assert name == "_orig_mod.model.language_model.layers" and layers is model.model.language_model.layers
+    path = EXPECTED[arch][0]
+    assert name == f"_orig_mod.{path}" and layers is model.get_submodule(path)
     dp = nn.DataParallel(model)
-    assert find_decoder_layers(dp).name == "module.model.language_model.layers"
+    assert find_decoder_layers(dp).name == f"module.{path}"
 
 
 def test_ddp_wrapper(models, monkeypatch):
@@ -106,13 +123,14 @@ def test_ddp_wrapper(models, monkeypatch):
 
 def test_explicit_path(models):
     model = models["llava"]
-    assert find_decoder_layers(model, "model.language_model.layers").layers is model.model.language_model.layers
+    path = EXPECTED["llava"][0]
+    assert find_decoder_layers(model, path).layers is model.get_submodule(path)
     compiled = torch.compile(model)
     # relative to the wrapper or to the model inside it
-    assert find_decoder_layers(compiled, "model.language_model.layers").name == "_orig_mod.model.language_model.layers"
+    assert find_decoder_layers(compiled, path).name == f"_orig_mod.{path}"
     with pytest.raises(LookupError, match="does not name a non-empty nn.ModuleList") as info:
-        find_decoder_layers(model, "model.language_model.norm")
-    assert "model.vision_tower.encoder.layers (2 x CLIPEncoderLayer)" in str(info.value)
+        find_decoder_layers(model, path.replace("layers", "norm"))
+    assert "encoder.layers (2 x CLIPEncoderLayer)" in str(info.value)
 
 
 class VisionOnly(nn.Module):

@@ -172,6 +172,8 @@ def image_token_count(config: Any) -> int:
         vision = config.vision_config
         side = IMAGE_SIZE // vision.patch_size // vision.spatial_merge_size
         return side * side
+    if model_type == "llava" and not hasattr(config, "image_seq_length"):
+        return 1  # transformers < 4.44: the model expands one placeholder per image itself
     return (IMAGE_SIZE // PATCH) ** 2
 
 
