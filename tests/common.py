@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 import transformers
 from packaging import version
@@ -13,6 +14,20 @@ from vr_plugin.tiny import IMAGE_SIZE, IMAGE_TOKEN_ID, image_token_count
 
 # transformers 4.52 moved HF VLMs' language model under `model.` (model.language_model.layers)
 NEW_HF_LAYOUT = version.parse(transformers.__version__) >= version.parse("4.52")
+
+
+def _cpu_bnb() -> bool:
+    """bitsandbytes importable, and a transformers that quantizes without a GPU (4.37 raises "No GPU found")."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:
+        return False
+    return version.parse(transformers.__version__) >= version.parse("4.44")
+
+
+requires_cpu_bnb = pytest.mark.skipif(
+    not _cpu_bnb(), reason="bitsandbytes quantization on CPU needs newer transformers"
+)
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
 

@@ -62,10 +62,17 @@ STACKS = {
             "shortuuid",
             "pillow",
             "numpy<2",
+            "bitsandbytes",
             *COMMON_TEST_TOOLS,
         ),
         no_deps=("llava-torch==1.2.2.post1", "timm==1.0.31"),
-        tests=("tests/test_locate.py", "tests/test_freeze.py", "tests/test_callback.py", "tests/llava"),
+        tests=(
+            "tests/test_locate.py",
+            "tests/test_freeze.py",
+            "tests/test_callback.py",
+            "tests/test_lora.py",
+            "tests/llava",
+        ),
         note="transformers 4.37.2: HF Llava at language_model.model.layers; LLaVA's own LlavaLlamaForCausalLM",
     ),
 }

@@ -25,14 +25,28 @@ _LAZY = {
     "RegionFreezeCallback": "callback",
     "read_region": "record",
     "read_pruning": "record",
+    "region_lora_config": "lora",
+    "apply_region_lora": "lora",
+    "prepare_qlora": "lora",
+    "region_param_groups": "lora",
+    "load_for_region": "quant",
+    "load_quantized": "quant",
+    "bnb_config": "quant",
+    "save_region_state": "export",
+    "load_region_state": "export",
+    "save_region_adapter": "export",
+    "merge_region_lora": "export",
 }
 
 __all__ = ["__version__", "select_layers", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .callback import RegionFreezeCallback  # noqa: F401
+    from .export import load_region_state, merge_region_lora, save_region_adapter, save_region_state  # noqa: F401
     from .freeze import RegionPlan, apply_visual_region  # noqa: F401
     from .locate import DecoderLayers, find_decoder_layers, map_parameters, num_layers_from_config  # noqa: F401
+    from .lora import apply_region_lora, prepare_qlora, region_lora_config, region_param_groups  # noqa: F401
+    from .quant import bnb_config, load_for_region, load_quantized  # noqa: F401
     from .record import read_pruning, read_region  # noqa: F401
 
 setup_logging()

@@ -220,6 +220,8 @@ def apply_visual_region(
         else:
             report = _REPORT_NAME[info.group]
             want = choice[info.group]
+        if "original_module" in info.name.split("."):
+            want = False  # peft's frozen original beside a modules_to_save copy
         if want is not None:
             p.requires_grad_(bool(want) and _trainable_dtype(p))
         count = groups[report]

@@ -259,8 +259,11 @@ def map_parameters(model: nn.Module, location: Optional[DecoderLayers] = None) -
 
 
 def numel(param: torch.Tensor) -> int:
-    """Number of elements, also for DeepSpeed ZeRO-3 partitioned parameters (``ds_numel``)."""
-    return int(getattr(param, "ds_numel", None) or param.numel())
+    """Logical number of elements, also for ZeRO-3 partitions (``ds_numel``) and packed 4-bit weights."""
+    if getattr(param, "ds_numel", None):
+        return int(param.ds_numel)
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else param.numel()
 
 
 def text_config(config_or_model: Any) -> Any:
