@@ -32,6 +32,8 @@ IMAGE_SIZE = 32
 PATCH = 8
 VOCAB = 512
 IMAGE_TOKEN_ID = VOCAB - 1
+_GRID_PINPOINTS = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE]]  # LLaVA-NeXT any-res grid
+_QWEN_PATCH = 4  # Qwen2-VL ViT patch; 2x2 patches merge into one LLM token
 
 
 def available(arch: str) -> bool:
@@ -73,22 +75,30 @@ def _vision(model_type: str, hidden: int = 32, **extra: Any) -> dict:
     return kwargs
 
 
-def build_config(arch: str, num_layers: int = 8, hidden: int = 32, **overrides: Any) -> Any:
-    """A tiny config of ``arch`` whose LLM has ``num_layers`` decoder layers."""
+def build_config(
+    arch: str, num_layers: int = 8, hidden: int = 32, text_overrides: Optional[dict] = None, **overrides: Any
+) -> Any:
+    """A tiny config of ``arch`` whose LLM has ``num_layers`` decoder layers.
+
+    ``text_overrides`` sets entries of the LLM's config (``vocab_size``, ``pad_token_id``, ...), ``overrides``
+    those of the top-level config (``image_token_id``, ...).
+    """
     if arch not in _CLASSES:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
     if not available(arch):
         raise ValueError(f"transformers {transformers.__version__} has no {_CLASSES[arch][1]}")
     config_cls = getattr(transformers, _CLASSES[arch][0])
+    text_overrides = text_overrides or {}
     text = dict(model_type="llama", **text_kwargs(num_layers, hidden))
+    text.update(text_overrides)
     if arch == "llama":
-        return config_cls(**text_kwargs(num_layers, hidden), **overrides)
+        return config_cls(**{**text_kwargs(num_layers, hidden), **text_overrides}, **overrides)
     if arch in ("llava", "llava_next"):
         kwargs = dict(
             text_config=text, vision_config=_vision("clip_vision_model", hidden), image_token_index=IMAGE_TOKEN_ID
         )
         if arch == "llava_next":
-            kwargs["image_grid_pinpoints"] = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE]]
+            kwargs["image_grid_pinpoints"] = _GRID_PINPOINTS
     elif arch == "llava_onevision":
         text["model_type"] = "qwen2"
         kwargs = dict(
@@ -107,7 +117,7 @@ def build_config(arch: str, num_layers: int = 8, hidden: int = 32, **overrides: 
             image_token_index=IMAGE_TOKEN_ID,
             projection_dim=hidden,
             hidden_size=hidden,
-            vocab_size=VOCAB,
+            vocab_size=text["vocab_size"],
         )
     elif arch == "idefics3":
         kwargs = dict(
@@ -117,7 +127,9 @@ def build_config(arch: str, num_layers: int = 8, hidden: int = 32, **overrides: 
             scale_factor=2,
         )
     else:  # qwen2_vl / qwen2_5_vl
-        text.update(model_type=arch + "_text", rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
+        half = hidden // text["num_attention_heads"] // 2  # rotary frequencies per head, split over (t, h, w)
+        section = [half // 4, half // 4, half - 2 * (half // 4)]
+        text.update(model_type=arch + "_text", rope_scaling={"type": "mrope", "mrope_section": section})
         vision = dict(
             depth=2,
             embed_dim=hidden,
@@ -127,7 +139,7 @@ def build_config(arch: str, num_layers: int = 8, hidden: int = 32, **overrides: 
             intermediate_size=2 * hidden,
             out_hidden_size=hidden,
             spatial_merge_size=2,
-            patch_size=4,
+            patch_size=_QWEN_PATCH,
             temporal_patch_size=2,
             in_chans=3,
             fullatt_block_indexes=[1],
