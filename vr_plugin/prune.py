@@ -1,0 +1,216 @@
+"""Remove decoder layers outside the visual region, correctly: :func:`prune_outside_region`.
+
+Layer surgery that survives ``save_pretrained`` / ``from_pretrained`` and cached generation:
+
+1. the kept layers become a new ``ModuleList`` in their original order;
+2. every ``layer_idx`` attribute inside a kept layer (attention, the layer itself, ...) is renumbered, so the
+   KV cache is addressed by the new positions;
+3. the LLM config's ``num_hidden_layers`` becomes the kept count, and every per-layer list (``layer_types``
+   and any other list as long as the old depth) is sliced; ``max_window_layers`` is remapped;
+4. the config records the removed layers (original numbering) and the original depth, and the region record
+   is renumbered to the new positions.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Optional, Union
+
+from torch import nn
+
+from .locate import find_decoder_layers, text_config, unwrap_model
+from .record import PruningRecord, read_pruning, read_region, write_pruning, write_region
+from .spec import select_layers
+
+__all__ = ["prune_outside_region", "choose_layers_to_remove", "remove_layers", "restore_depth_scaling"]
+
+logger = logging.getLogger(__name__)
+
+_INDEX_ATTRIBUTES = ("layer_idx", "layer_id", "layer_index")
+_DEPTH_KEYS = ("num_hidden_layers", "n_layers", "n_layer", "num_layers")
+
+
+def _scores_and_metric(scores: Any) -> tuple:
+    """``({layer: score}, metric name or None)`` from a dict, a ScoreReport or a scores JSON path."""
+    if scores is None:
+        return {}, None
+    if isinstance(scores, str):
+        from .score import load_scores
+
+        scores = load_scores(scores)
+    if hasattr(scores, "scores"):
+        if getattr(scores, "n", 1) != 1:
+            raise ValueError(f"these are {scores.n}-layer block scores; prune with per-layer scores (n=1)")
+        return dict(scores.scores), scores.metric
+    return {int(k): float(v) for k, v in dict(scores).items()}, None
+
+
+def _count(remove: Union[int, float], num_layers: int) -> int:
+    if isinstance(remove, bool):
+        raise ValueError(f"remove={remove!r}: give a layer count (4) or a ratio in (0, 1) (0.125)")
+    if isinstance(remove, float) and 0.0 < remove < 1.0:
+        return max(1, int(remove * num_layers + 0.5))
+    if isinstance(remove, int) and 0 <= remove < num_layers:
+        return remove
+    raise ValueError(
+        f"remove={remove!r} for a model with {num_layers} layers: give a count 0..{num_layers - 1} or a ratio in (0, 1)"
+    )
+
+
+def choose_layers_to_remove(
+    scores: dict,
+    remove: Union[int, float],
+    region: Iterable[int],
+    num_layers: int,
+    allow_region: bool = False,
+) -> list:
+    """The ``remove`` lowest-scoring layers, never one of ``region`` unless ``allow_region`` (ties: lower index)."""
+    k = _count(remove, num_layers)
+    region = set(region)
+    missing = [i for i in range(num_layers) if i not in scores and (allow_region or i not in region)]
+    if missing:
+        raise ValueError(f"scores are missing for layers {missing} (the scores cover {len(scores)} layers)")
+    candidates = [i for i in range(num_layers) if allow_region or i not in region]
+    if k > len(candidates):
+        raise ValueError(
+            f"cannot remove {k} layers: only {len(candidates)} lie outside the region {sorted(region)} "
+            "(allow_region=True to let region layers go too)"
+        )
+    return sorted(sorted(candidates, key=lambda i: (scores[i], i))[:k])
+
+
+def _renumber(layer: nn.Module, new_index: int) -> None:
+    for module in layer.modules():
+        for attr in _INDEX_ATTRIBUTES:
+            if isinstance(getattr(module, attr, None), int) and not isinstance(getattr(module, attr), bool):
+                setattr(module, attr, new_index)
+
+
+def _fix_config(config: Any, keep: list, old_depth: int) -> None:
+    """Depth, per-layer lists and layer-index-valued fields of one (text) config."""
+    for key in _DEPTH_KEYS:
+        if isinstance(getattr(config, key, None), int) and getattr(config, key) == old_depth:
+            setattr(config, key, len(keep))
+    for key, value in list(vars(config).items()):
+        if isinstance(value, (list, tuple)) and len(value) == old_depth and key not in ("architectures",):
+            setattr(config, key, type(value)(value[i] for i in keep))
+    window = getattr(config, "max_window_layers", None)
+    if isinstance(window, int):  # Qwen2: layers with index >= max_window_layers use sliding window
+        config.max_window_layers = sum(1 for i in keep if i < window)
+
+
+def remove_layers(model: nn.Module, remove: Iterable[int], layers_path: Optional[str] = None) -> list:
+    """Delete decoder layers ``remove`` (current numbering) and fix indices and config; return the kept list."""
+    location = find_decoder_layers(model, layers_path)
+    old_depth = len(location.layers)
+    remove = sorted(set(int(i) for i in remove))
+    bad = [i for i in remove if not 0 <= i < old_depth]
+    if bad or len(remove) >= old_depth:
+        raise ValueError(f"cannot remove layers {remove} from a model with {old_depth} layers")
+    keep = [i for i in range(old_depth) if i not in remove]
+
+    new_layers = nn.ModuleList([location.layers[i] for i in keep])
+    for new_index, layer in enumerate(new_layers):
+        _renumber(layer, new_index)
+    owner_name, _, attribute = location.name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    setattr(owner, attribute, new_layers)
+
+    core = unwrap_model(model)
+    configs = {id(core.config): core.config}
+    sub = text_config(core.config)
+    configs.setdefault(id(sub), sub)
+    owner_config = getattr(owner, "config", None)
+    if owner_config is not None:
+        configs.setdefault(id(owner_config), owner_config)
+    for config in configs.values():
+        _fix_config(config, keep, old_depth)
+    return keep
+
+
+def restore_depth_scaling(model: nn.Module, layers_path: Optional[str] = None) -> int:
+    """Give every layer that stores its model's depth (MiniCPM's residual scale) the *original* depth again.
+
+    MiniCPM scales residuals by ``scale_depth / sqrt(num_hidden_layers)`` using the depth each layer saw at
+    construction; a pruned checkpoint is rebuilt with the smaller depth, so loaders call this after loading.
+    Returns how many layers were corrected.
+    """
+    record = read_pruning(unwrap_model(model))
+    if record is None:
+        return 0
+    fixed = 0
+    for layer in find_decoder_layers(model, layers_path).layers:
+        if isinstance(getattr(layer, "num_hidden_layers", None), int):
+            layer.num_hidden_layers = record.original_num_layers
+            fixed += 1
+    return fixed
+
+
+def prune_outside_region(
+    model: nn.Module,
+    *,
+    region: Union[str, Iterable[int], None] = None,
+    remove: Union[int, float, Iterable[int]] = 0,
+    scores: Any = None,
+    allow_region: bool = False,
+    layers_path: Optional[str] = None,
+) -> PruningRecord:
+    """Remove the ``remove`` lowest-scoring decoder layers outside the visual region, in place.
+
+    ``region``: a spec or indices (current numbering); by default the region recorded in the model's config
+    (``'none'`` if there is none: then any layer may go). ``remove``: a count, a ratio in (0, 1), or explicit
+    layer indices. ``scores``: ``{layer: score}`` (higher = more important), a :class:`ScoreReport` or a
+    scores JSON path. Region layers are refused unless ``allow_region``. Returns the pruning record written to
+    the config (removed layers in the *original* numbering, also across repeated pruning).
+    """
+    core = unwrap_model(model)
+    location = find_decoder_layers(model, layers_path)
+    depth = len(location.layers)
+    recorded = read_region(core)
+    if region is None:
+        region_layers = recorded.layers if recorded is not None else []
+    else:
+        region_layers = select_layers(region, depth)
+    if recorded is not None and recorded.num_layers != depth and region is None:
+        raise ValueError(
+            f"the recorded region {recorded.layers} is for {recorded.num_layers} layers, model has {depth}"
+        )
+
+    scores_by_layer, metric = _scores_and_metric(scores)
+    if isinstance(remove, (int, float)):  # bool too: _count rejects it
+        if not scores_by_layer and _count(remove, depth) > 0:
+            raise ValueError("prune_outside_region needs scores= (from vr_plugin.score_layers) to choose layers")
+        removed = choose_layers_to_remove(scores_by_layer, remove, region_layers, depth, allow_region)
+    else:
+        removed = sorted(set(int(i) for i in remove))
+        inside = sorted(set(removed) & set(region_layers))
+        if inside and not allow_region:
+            raise ValueError(f"layers {inside} are in the visual region {region_layers}; pass allow_region=True")
+    if not removed:
+        logger.info("prune_outside_region: nothing to remove")
+    keep = remove_layers(model, removed, layers_path) if removed else list(range(depth))
+
+    previous = read_pruning(core)
+    original_ids = previous.kept if previous is not None and previous.kept else list(range(depth))
+    original_depth = previous.original_num_layers if previous is not None else depth
+    all_removed = sorted((previous.removed if previous is not None else []) + [original_ids[i] for i in removed])
+    record = PruningRecord(
+        original_num_layers=original_depth,
+        removed=all_removed,
+        kept=[original_ids[i] for i in keep],
+        metric=metric,
+    )
+    write_pruning(core.config, record)
+    if region_layers or recorded is not None:
+        new_region = [keep.index(i) for i in region_layers if i in keep]
+        spec = recorded.spec if recorded is not None and region is None else str(region)
+        write_region(core.config, spec, new_region, len(keep))
+    logger.info(
+        "pruned %d layers %s (original numbering %s); %d of %d original layers kept",
+        len(removed),
+        removed,
+        [original_ids[i] for i in removed],
+        len(keep),
+        original_depth,
+    )
+    return record

@@ -1,0 +1,354 @@
+"""Layer importance scores, computed from hidden states as they are produced (forward hooks).
+
+Activation metrics compare a layer's input ``h_i`` with its output ``h_{i+1}`` per token, in fp32, over
+real tokens only (padding masked):
+
+* ``bi``: Block Influence (ShortGPT, the paper's scoring script): ``1 - mean_t cos(h_i, h_{i+1})``;
+* ``bi_image`` / ``bi_text``: the same over image tokens / text tokens only (real image-token positions);
+* ``bi_multimodal``: the paper's multimodal BI, the mean of ``bi_image`` and ``bi_text``;
+* ``angular``: Gromov et al.'s angular distance ``mean_t arccos(cos(h_i, h_{i+n})) / pi`` over ``n``
+  consecutive layers (key: the block's first layer; ``last_token=True`` uses only each sample's last token).
+
+Weight metric (no data): ``weight_change``: the paper's ``sum_W ||W' - W|| / ||W||`` over the linear weights of
+each layer, between a trained model and its ``reference`` (base) model.
+
+For every metric a higher score means a more important layer; pruning removes the lowest. Each layer's input
+is held only until its output arrives (``n`` inputs for ``angular``), so memory does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from .locate import find_decoder_layers, unwrap_model
+
+__all__ = ["METRICS", "ScoreReport", "score_layers", "save_scores", "load_scores", "image_token_mask"]
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("bi", "bi_image", "bi_text", "bi_multimodal", "angular", "weight_change")
+_NEEDS_IMAGE_MASK = ("bi_image", "bi_text", "bi_multimodal")
+
+
+@dataclass
+class ScoreReport:
+    """Scores per layer plus what they were computed from; saved as JSON."""
+
+    metric: str
+    scores: dict
+    num_layers: int
+    model: str = ""
+    data: str = ""
+    n: int = 1
+    tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    value = kwargs.get("hidden_states")
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _output_tensor(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _config_image_token(model: nn.Module) -> Optional[int]:
+    config = unwrap_model(model).config
+    for key in ("image_token_id", "image_token_index"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def image_token_mask(model: nn.Module, batch: dict, seq_len: int) -> Optional[torch.Tensor]:
+    """Boolean ``[batch, seq]`` mask of image-token positions in the decoder's hidden states, if knowable.
+
+    HF-native models carry one placeholder token per image feature in ``input_ids``; LLaVA/Bunny-style models
+    splice image features in place of one placeholder inside ``prepare_inputs_labels_for_multimodal``, which
+    :func:`score_layers` observes (see ``_SpliceObserver``).
+    """
+    ids = batch.get("input_ids")
+    token = _config_image_token(model)
+    if ids is None or token is None or ids.shape[-1] != seq_len:
+        return None
+    return ids == token
+
+
+class _SpliceObserver:
+    """Watches LLaVA/Bunny ``prepare_inputs_labels_for_multimodal``, which splices image features into the sequence.
+
+    It is called with probe labels (0 = text) and reports the spliced positions (labels -100 there) and the
+    new attention mask, so image tokens are located exactly, never by hard-coded offsets.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.core = unwrap_model(model)
+        self.original = getattr(self.core, "prepare_inputs_labels_for_multimodal", None)
+        self.image: Optional[torch.Tensor] = None
+        self.attention: Optional[torch.Tensor] = None
+
+    def reset(self) -> None:
+        self.image = self.attention = None
+
+    def __enter__(self) -> _SpliceObserver:
+        if self.original is None:
+            return self
+        original = self.original
+
+        def observed(input_ids, position_ids, attention_mask, past_key_values, labels, images, *rest, **kw):
+            probe = torch.zeros_like(input_ids) if input_ids is not None else None
+            out = original(input_ids, position_ids, attention_mask, past_key_values, probe, images, *rest, **kw)
+            new_attention, new_labels = out[2], out[-1]
+            if new_labels is not None and new_labels.dim() == 2:
+                self.attention = new_attention.bool() if new_attention is not None else None
+                real = self.attention if self.attention is not None else torch.ones_like(new_labels, dtype=torch.bool)
+                self.image = (new_labels == -100) & real
+            return (*out[:-1], None)  # no loss is computed while scoring
+
+        self.core.prepare_inputs_labels_for_multimodal = observed
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.original is not None:
+            del self.core.prepare_inputs_labels_for_multimodal
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-8).clamp(-1.0, 1.0)
+
+
+class _Accumulator:
+    """Running per-layer sums of a token statistic, separately for each token class."""
+
+    def __init__(self) -> None:
+        self.sums: dict = {}
+        self.counts: dict = {}
+
+    def add(self, key: Any, values: torch.Tensor, mask: torch.Tensor) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + float(values[mask].double().sum())
+        self.counts[key] = self.counts.get(key, 0) + int(mask.sum())
+
+    def mean(self, key: Any) -> float:
+        count = self.counts.get(key, 0)
+        return self.sums[key] / count if count else float("nan")
+
+
+def _batches_to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _weight_change(model: nn.Module, reference: nn.Module, layers_path: Optional[str]) -> dict:
+    trained = find_decoder_layers(model, layers_path).layers
+    base = find_decoder_layers(reference, layers_path).layers
+    if len(trained) != len(base):
+        raise ValueError(f"weight_change needs equal depths; got {len(trained)} and {len(base)} layers")
+    scores = {}
+    for index, (layer, ref) in enumerate(zip(trained, base)):
+        ref_linears = {n: m for n, m in ref.named_modules() if isinstance(m, nn.Linear)}
+        total = 0.0
+        for name, module in layer.named_modules():
+            if isinstance(module, nn.Linear) and name in ref_linears:
+                w, w0 = module.weight.detach().float(), ref_linears[name].weight.detach().float()
+                total += float(torch.linalg.norm(w - w0) / torch.linalg.norm(w0).clamp_min(1e-12))
+        scores[index] = total
+    return scores
+
+
+@torch.no_grad()
+def score_layers(
+    model: nn.Module,
+    batches: Optional[Iterable[dict]] = None,
+    metric: str = "bi",
+    *,
+    n: int = 1,
+    last_token: bool = False,
+    reference: Optional[nn.Module] = None,
+    image_mask_fn: Optional[Callable[[nn.Module, dict, int], Optional[torch.Tensor]]] = None,
+    layers_path: Optional[str] = None,
+    progress: bool = True,
+    out: Optional[str] = None,
+    model_id: str = "",
+    data_description: str = "",
+) -> dict:
+    """Score every decoder layer of ``model`` on ``batches`` (dicts of model inputs); ``{layer: score}``.
+
+    ``metric`` is one of :data:`METRICS`. ``out`` saves a JSON report (metric, scores, model id, data).
+    ``image_mask_fn(model, batch, seq_len)`` overrides how image-token positions are found.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    location = find_decoder_layers(model, layers_path)
+    num_layers = len(location.layers)
+    if metric == "weight_change":
+        if reference is None:
+            raise ValueError("metric 'weight_change' needs reference= (the base model the trained one started from)")
+        scores = _weight_change(model, reference, layers_path)
+        return _finish(ScoreReport(metric, scores, num_layers, model_id, data_description), out)
+    if batches is None:
+        raise ValueError(f"metric {metric!r} needs calibration batches")
+    if n < 1 or n > num_layers or (n > 1 and metric != "angular"):
+        raise ValueError(f"n={n} is only valid for metric 'angular' with 1 <= n <= {num_layers}")
+
+    held: dict = {}  # layer index -> its input, kept only until the block's output arrives
+    state: dict = {"batch": {}, "types": None}
+    acc = _Accumulator()
+    find_mask = image_mask_fn or image_token_mask
+
+    def pre_hook(index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = _first_tensor(args, kwargs)
+            if hidden is None:
+                raise RuntimeError(f"layer {index}: cannot find the hidden states among its inputs")
+            if state["types"] is None:  # the batch's first layer: fix which tokens count
+                state["types"] = _token_masks(model, hidden, state["batch"], observer, find_mask, metric, last_token)
+            held[index] = hidden.detach()
+
+        return hook
+
+    def post_hook(index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            start = index - n + 1
+            if start < 0:
+                return
+            source = held.pop(start)
+            values = _cosine(source, _output_tensor(output))
+            if metric == "angular":
+                values = torch.arccos(values) / math.pi
+            else:
+                values = 1.0 - values
+            for kind, mask in state["types"].items():
+                acc.add((start, kind), values, mask)
+            for stale in [k for k in held if k <= start]:
+                del held[stale]
+
+        return hook
+
+    handles = []
+    for index, layer in enumerate(location.layers):
+        handles.append(layer.register_forward_pre_hook(pre_hook(index), with_kwargs=True))
+        handles.append(layer.register_forward_hook(post_hook(index), with_kwargs=True))
+    device = next(unwrap_model(model).parameters()).device
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        iterator = batches
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(batches, desc=f"scoring layers ({metric})", unit="batch")
+        with _SpliceObserver(model) as observer:
+            for batch in iterator:
+                batch = _batches_to_device({k: v for k, v in batch.items() if k != "labels"}, device)
+                state["batch"], state["types"] = batch, None
+                observer.reset()
+                held.clear()
+                model(**batch, use_cache=False)
+                seen += int(state["types"]["all"].sum()) if state["types"] else 0
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("score_layers saw no tokens: the calibration batches were empty")
+
+    starts = range(num_layers - n + 1)
+    if metric in ("bi", "angular"):
+        scores = {i: acc.mean((i, "all")) for i in starts}
+    elif metric == "bi_image":
+        scores = {i: acc.mean((i, "image")) for i in starts}
+    elif metric == "bi_text":
+        scores = {i: acc.mean((i, "text")) for i in starts}
+    else:
+        scores = {i: 0.5 * (acc.mean((i, "image")) + acc.mean((i, "text"))) for i in starts}
+    report = ScoreReport(metric, scores, num_layers, model_id, data_description, n=n, tokens=seen)
+    report.extra["last_token"] = last_token
+    return _finish(report, out)
+
+
+def _token_masks(model, hidden, batch, observer, find_mask, metric, last_token) -> dict:
+    """Which positions of the batch now entering layer 0 count, split into image / text tokens when needed."""
+    shape = tuple(hidden.shape[:2])
+    real = None
+    if observer.attention is not None and tuple(observer.attention.shape) == shape:
+        real = observer.attention
+    elif isinstance(batch.get("attention_mask"), torch.Tensor) and tuple(batch["attention_mask"].shape) == shape:
+        real = batch["attention_mask"].bool()
+    if real is None:
+        real = torch.ones(shape, dtype=torch.bool)
+    real = real.to(hidden.device)
+    if last_token:  # Gromov et al.: each sample's last real token only
+        last = torch.zeros_like(real)
+        last[torch.arange(shape[0]), real.long().cumsum(-1).argmax(-1)] = True
+        real = last
+    types = {"all": real}
+    if metric in _NEEDS_IMAGE_MASK:
+        image = observer.image if observer.image is not None and tuple(observer.image.shape) == shape else None
+        if image is None:
+            image = find_mask(model, batch, shape[1])
+        if image is None:
+            raise ValueError(
+                f"metric {metric!r} needs image-token positions, which cannot be located for "
+                f"{type(unwrap_model(model)).__name__} (no image token id in its config that matches the "
+                "sequence); pass image_mask_fn="
+            )
+        image = image.to(real.device).bool()
+        types["image"] = image & real
+        types["text"] = ~image & real
+    return types
+
+
+def _finish(report: ScoreReport, out: Optional[str]) -> dict:
+    if out:
+        save_scores(out, report)
+    ranked = sorted(report.scores, key=lambda i: report.scores[i])
+    logger.info("%s scores, least important first: %s", report.metric, ranked)
+    return dict(report.scores)
+
+
+def save_scores(path: str, report: ScoreReport) -> str:
+    """Write a :class:`ScoreReport` as JSON (scores keyed by layer index)."""
+    data = {
+        "metric": report.metric,
+        "scores": {str(k): v for k, v in sorted(report.scores.items())},
+        "num_layers": report.num_layers,
+        "n": report.n,
+        "model": report.model,
+        "data": report.data,
+        "tokens": report.tokens,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **report.extra,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2)
+    return path
+
+
+def load_scores(path: str) -> ScoreReport:
+    """Read a JSON written by :func:`save_scores` (or ``score_layers(out=...)``)."""
+    with open(path, encoding="utf-8") as handle:
+        data = json.load(handle)
+    try:
+        scores = {int(k): float(v) for k, v in data["scores"].items()}
+        report = ScoreReport(
+            data["metric"], scores, int(data["num_layers"]), data.get("model", ""), data.get("data", "")
+        )
+        report.n = int(data.get("n", 1))
+        report.tokens = int(data.get("tokens", 0))
+    except (KeyError, ValueError, TypeError) as error:
+        raise ValueError(f"{path} is not a vr_plugin scores file ({error})") from None
+    return report
