@@ -36,6 +36,8 @@ _LAZY = {
     "load_region_state": "export",
     "save_region_adapter": "export",
     "merge_region_lora": "export",
+    "RegionArguments": "args",
+    "add_region_args": "args",
     "score_layers": "score",
     "load_scores": "score",
     "prune_outside_region": "prune",
@@ -45,6 +47,7 @@ _LAZY = {
 __all__ = ["__version__", "select_layers", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .args import RegionArguments, add_region_args  # noqa: F401
     from .callback import RegionFreezeCallback  # noqa: F401
     from .export import load_region_state, merge_region_lora, save_region_adapter, save_region_state  # noqa: F401
     from .freeze import RegionPlan, apply_visual_region  # noqa: F401
