@@ -18,7 +18,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
@@ -309,6 +309,18 @@ def bunny_workspace(
     return paths
 
 
+def workspace_factory(tmp_path_factory: Any) -> Callable[[str], dict]:
+    """``get(model_type)`` building :func:`bunny_workspace` once per model_type under pytest's ``tmp_path_factory``."""
+    built: dict = {}
+
+    def get(model_type: str) -> dict:
+        if model_type not in built:
+            built[model_type] = bunny_workspace(str(tmp_path_factory.mktemp(model_type)), model_type)
+        return built[model_type]
+
+    return get
+
+
 def _has_eval_strategy() -> bool:
     import transformers
     from packaging import version
@@ -317,7 +329,12 @@ def _has_eval_strategy() -> bool:
 
 
 def finetune_flags(paths: dict, model_type: str, output_dir: str, lora: bool = False, steps: int = 2) -> list:
-    """Bunny's script/train/finetune_full.sh (or finetune_lora.sh) flags, shrunk to a CPU run of a few steps."""
+    """Bunny's script/train/finetune_full.sh (or finetune_lora.sh) flags, shrunk to a CPU run of a few steps.
+
+    Shrunk: no DeepSpeed, fp32 (``--bf16 False``; no ``--tf32``, which needs a GPU), ``steps`` steps of batch 2,
+    ``model_max_length`` 256, no saving before the end, no dataloader workers, LoRA rank 4.  Learning rates are the
+    scripts' (2e-5 full, 2e-4 LoRA with ``--mm_projector_lr 2e-5``); a flag appended later overrides one here.
+    """
     flags = [
         "--model_name_or_path", paths["llm"],
         "--model_type", model_type,

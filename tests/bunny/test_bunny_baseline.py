@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from .fixtures import MODEL_TYPES, bunny_ready, bunny_workspace, finetune_flags, logged_losses, run_bunny
+from .fixtures import MODEL_TYPES, bunny_ready, finetune_flags, logged_losses, run_bunny, workspace_factory
 
 pytestmark = pytest.mark.skipif(not bunny_ready(), reason="needs VR_BUNNY_REPO (a Bunny checkout) and VR_STACK=bunny")
 
@@ -27,15 +27,14 @@ def runs(request, tmp_path_factory):
         for item in request.session.items
         if item.module is request.module and hasattr(item, "callspec")
     ]
+    workspace = workspace_factory(tmp_path_factory)
     pool = ThreadPoolExecutor(max_workers=JOBS)
     started = {}
-    for model_type in dict.fromkeys(m for m, _ in wanted):
-        root = tmp_path_factory.mktemp(model_type)
-        paths = bunny_workspace(str(root), model_type)
-        for lora in sorted({lora for m, lora in wanted if m == model_type}):
-            output_dir = str(root / (("bunny-lora-" if lora else "bunny-") + model_type))
-            flags = finetune_flags(paths, model_type, output_dir, lora=lora)
-            started[model_type, lora] = (pool.submit(run_bunny, flags, cwd=str(root)), output_dir)
+    for model_type, lora in wanted:
+        run_dir = tmp_path_factory.mktemp("run")
+        output_dir = str(run_dir / (("bunny-lora-" if lora else "bunny-") + model_type))  # Bunny's builder reads 'lora'
+        flags = finetune_flags(workspace(model_type), model_type, output_dir, lora=lora)
+        started[model_type, lora] = (pool.submit(run_bunny, flags, cwd=str(run_dir)), output_dir)
     yield started
     pool.shutdown(wait=True, cancel_futures=True)
 

@@ -12,7 +12,7 @@ import torch
 
 from vr_plugin import find_decoder_layers
 
-from .fixtures import MODEL_TYPES, backbone, bunny_ready, bunny_repo, bunny_workspace
+from .fixtures import MODEL_TYPES, backbone, bunny_ready, bunny_repo, workspace_factory
 
 pytestmark = pytest.mark.skipif(not bunny_ready(), reason="needs VR_BUNNY_REPO (a Bunny checkout) and VR_STACK=bunny")
 IGNORE_INDEX = -100
@@ -21,14 +21,7 @@ IGNORE_INDEX = -100
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """``workspace(model_type)``: the tiny Bunny ingredients of that backbone, built once per module."""
-    built = {}
-
-    def get(model_type):
-        if model_type not in built:
-            built[model_type] = bunny_workspace(str(tmp_path_factory.mktemp(model_type)), model_type)
-        return built[model_type]
-
-    return get
+    return workspace_factory(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
