@@ -75,6 +75,31 @@ STACKS = {
         ),
         note="transformers 4.37.2: HF Llava at language_model.model.layers; LLaVA's own LlavaLlamaForCausalLM",
     ),
+    # Bunny (BAAI-DCAI/Bunny 08273ac; not on PyPI: tests put the checkout named by VR_BUNNY_REPO on PYTHONPATH).
+    # transformers 4.51.3 is the newest Bunny's trainer runs on, and it keeps the pre-4.52 HF VLM layout.
+    "bunny": Stack(
+        name="bunny",
+        requirements=(
+            "torch==2.13.0",
+            "transformers==4.51.3",
+            "tokenizers>=0.21,<0.22",
+            "sentencepiece",
+            "protobuf",
+            "peft==0.15.2",
+            "accelerate==1.6.0",
+            "deepspeed==0.19.8",
+            "einops",
+            "einops-exts",
+            "shortuuid",
+            "pillow",
+            "numpy<2",
+            *COMMON_TEST_TOOLS,
+        ),
+        # Bunny imports these at load time even on the SigLIP path; their dependencies would pull a CUDA torchvision
+        no_deps=("torchvision==0.16.2", "timm==1.0.31", "xformers==0.0.35"),
+        tests=("tests/test_locate.py", "tests/test_freeze.py", "tests/test_callback.py", "tests/bunny"),
+        note="transformers 4.51.3: HF VLMs in the pre-4.52 layout; Bunny's own Bunny*ForCausalLM at model.layers",
+    ),
 }
 
 

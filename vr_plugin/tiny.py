@@ -119,7 +119,7 @@ def build_config(
             vision_feature_layer=-1,
         )
     elif arch == "paligemma":
-        text.update(model_type="gemma", head_dim=hidden // 4)
+        text.update(model_type="gemma", head_dim=hidden // 4, tie_word_embeddings=True)  # Gemma ties (read here <4.52)
         kwargs = dict(
             text_config=text,
             vision_config=_vision("siglip_vision_model", hidden, projection_dim=hidden),
@@ -162,6 +162,10 @@ def build_config(
             vision_start_token_id=IMAGE_TOKEN_ID - 2,
             vision_end_token_id=IMAGE_TOKEN_ID - 3,
         )
+        if "text_config" not in getattr(config_cls, "sub_configs", {}):  # transformers < 4.52: one flat config
+            del text["model_type"]
+            kwargs.update(text)
+            del kwargs["text_config"]
     kwargs.update(overrides)
     return config_cls(**kwargs)
 
