@@ -17,12 +17,13 @@ NEW_HF_LAYOUT = version.parse(transformers.__version__) >= version.parse("4.52")
 
 
 def _cpu_bnb() -> bool:
-    """bitsandbytes importable, and a transformers that quantizes without a GPU (4.37 raises "No GPU found")."""
+    """bitsandbytes importable, and a transformers that quantizes with it on CPU: 4.37 raises "No GPU found",
+    4.47 trips over bitsandbytes 0.50's device set; transformers 5 works."""
     try:
         import bitsandbytes  # noqa: F401
     except Exception:
         return False
-    return version.parse(transformers.__version__) >= version.parse("4.44")
+    return version.parse(transformers.__version__) >= version.parse("4.52")
 
 
 requires_cpu_bnb = pytest.mark.skipif(
@@ -93,3 +94,11 @@ def freeze_vision(model) -> None:
         parts = name.split(".")
         if ("vision_tower" in parts or "visual" in parts or "vision_model" in parts) and "merger" not in parts:
             param.requires_grad_(False)
+
+
+def forward(model, inputs, **kwargs):
+    """``model(**inputs)`` as a first call: Qwen2-VL before transformers 4.52 reuses the previous call's positions."""
+    from vr_plugin.score import reset_position_state
+
+    reset_position_state(model)
+    return model(**inputs, **kwargs)

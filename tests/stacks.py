@@ -76,17 +76,19 @@ STACKS = {
         note="transformers 4.37.2: HF Llava at language_model.model.layers; LLaVA's own LlavaLlamaForCausalLM",
     ),
     # Bunny (BAAI-DCAI/Bunny 08273ac; not on PyPI: tests put the checkout named by VR_BUNNY_REPO on PYTHONPATH).
-    # transformers 4.51.3 is the newest Bunny's trainer runs on, and it keeps the pre-4.52 HF VLM layout.
+    # transformers 4.47.1: Bunny trains on 4.38-4.51 but its vendored models only generate (eval, serve) before
+    # 4.48 (they call Cache.get_max_length); 4.47 also has the pre-4.52 HF VLM layout with Qwen2-VL and Idefics3.
     "bunny": Stack(
         name="bunny",
         requirements=(
             "torch==2.13.0",
-            "transformers==4.51.3",
+            "transformers==4.47.1",
             "tokenizers>=0.21,<0.22",
             "sentencepiece",
             "protobuf",
-            "peft==0.15.2",
-            "accelerate==1.6.0",
+            "peft==0.14.0",
+            "accelerate==1.2.1",
+            "bitsandbytes",
             "deepspeed==0.19.8",
             "einops",
             "einops-exts",
@@ -97,8 +99,15 @@ STACKS = {
         ),
         # Bunny imports these at load time even on the SigLIP path; their dependencies would pull a CUDA torchvision
         no_deps=("torchvision==0.16.2", "timm==1.0.31", "xformers==0.0.35"),
-        tests=("tests/test_locate.py", "tests/test_freeze.py", "tests/test_callback.py", "tests/bunny"),
-        note="transformers 4.51.3: HF VLMs in the pre-4.52 layout; Bunny's own Bunny*ForCausalLM at model.layers",
+        tests=(
+            "tests/test_locate.py",
+            "tests/test_freeze.py",
+            "tests/test_callback.py",
+            "tests/test_lora.py",
+            "tests/test_score_prune.py",
+            "tests/bunny",
+        ),
+        note="transformers 4.47.1: HF VLMs in the pre-4.52 layout; Bunny's own Bunny*ForCausalLM at model.layers",
     ),
 }
 

@@ -63,6 +63,9 @@ def test_trainer_trains_exactly_the_region(tmp_path):
     assert held == {id(p) for p in callback.plan.trainable_params}
     assert {n for n, p in model.named_parameters() if id(p) in held} == expected
     assert model.config.visual_region["layers"] == [1, 7]
+    with open(os.path.join(trainer.args.output_dir, "region_plan.json")) as handle:
+        report = json.load(handle)
+    assert set(report["trainable_names"]) == expected and report["layers"] == [1, 7]
 
 
 def test_frozen_parameters_get_no_optimizer_state(tmp_path):

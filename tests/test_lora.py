@@ -19,7 +19,7 @@ from vr_plugin import (
 from vr_plugin.quant import quantized_layers
 from vr_plugin.tiny import available, build_model, example_inputs
 
-from .common import changed, freeze_vision, requires_cpu_bnb, snapshot
+from .common import changed, forward, freeze_vision, requires_cpu_bnb, snapshot
 from .test_locate import ARCHS, EXPECTED
 
 peft = pytest.importorskip("peft")
@@ -147,12 +147,12 @@ def test_save_load_merge_round_trip(tmp_path, arch):
     inputs = example_inputs(model.config)
     wrapped.train()
     for _ in range(2):
-        wrapped(**inputs).loss.backward()
+        forward(wrapped, inputs).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     wrapped.eval()
     with torch.no_grad():
-        trained = wrapped(**inputs).logits
+        trained = forward(wrapped, inputs).logits
     save_region_adapter(wrapped, tmp_path / "adapter")
     assert read_region(str(tmp_path / "adapter")).layers == select_layers("uniform_0.25", 8)
 
@@ -160,7 +160,7 @@ def test_save_load_merge_round_trip(tmp_path, arch):
     loaded = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "adapter"))
     merged = merge_region_lora(loaded).eval()
     with torch.no_grad():
-        assert torch.allclose(merged(**inputs).logits, trained, atol=1e-5)
+        assert torch.allclose(forward(merged, inputs).logits, trained, atol=1e-5)
     assert not _lora_modules(merged)
 
 
@@ -207,7 +207,7 @@ def test_hybrid_full_region_on_4bit_model(tmp_path, arch):
     inputs = example_inputs(model.config)
     before = snapshot(model)
     model.train()
-    model(**inputs).loss.backward()
+    forward(model, inputs).loss.backward()
     optimizer.step()
     projector = {n for n, _ in model.named_parameters() if any(n.startswith(p) for p in EXPECTED[arch][1])}
     assert changed(before, model) == region | projector
@@ -215,12 +215,12 @@ def test_hybrid_full_region_on_4bit_model(tmp_path, arch):
     # the hybrid checkpoint reloads as the same hybrid, region in full precision
     model.eval()
     with torch.no_grad():
-        trained = model(**inputs).logits
+        trained = forward(model, inputs).logits
     model.save_pretrained(tmp_path / "hybrid")
     reloaded = type(base).from_pretrained(tmp_path / "hybrid").eval()
     assert quantized_layers(reloaded) == quantized_layers(model)
     with torch.no_grad():
-        assert torch.allclose(reloaded(**inputs).logits, trained, atol=1e-5)
+        assert torch.allclose(forward(reloaded, inputs).logits, trained, atol=1e-5)
     assert read_region(reloaded).layers == [1, 7]
 
     # the trained region, exported in full precision, goes onto the unquantized base

@@ -1,17 +1,21 @@
 """score_layers and prune_outside_region on tiny HF-native Llava and Qwen2-VL."""
 
 import json
+import math
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 
 from vr_plugin import apply_visual_region, find_decoder_layers, read_pruning, read_region
-from vr_plugin.prune import prune_outside_region, restore_depth_scaling
+from vr_plugin.prune import prune_outside_region
 from vr_plugin.score import load_scores, score_layers
 from vr_plugin.tiny import available, build_model, example_inputs
+
+from .common import forward
 
 VLMS = [a for a in ("llava", "qwen2_vl") if available(a)]
 
@@ -43,12 +47,12 @@ def test_pruned_logits_equal_skipping_those_layers(arch):
     removed = [2, 4, 5]
     handles = _skipping(model, removed)
     with torch.no_grad():
-        reference = model(**inputs, use_cache=False).logits
+        reference = forward(model, inputs, use_cache=False).logits
     for handle in handles:
         handle.remove()
     prune_outside_region(model, remove=removed)
     with torch.no_grad():
-        pruned = model(**inputs, use_cache=False).logits
+        pruned = forward(model, inputs, use_cache=False).logits
     assert torch.allclose(pruned, reference, atol=1e-6)
     assert len(find_decoder_layers(model).layers) == 5
 
@@ -76,7 +80,7 @@ def test_save_and_plain_from_pretrained_round_trip(tmp_path, arch):
     inputs = example_inputs(model.config, labels=False)
     torch.save(inputs, tmp_path / "inputs.pt")
     with torch.no_grad():
-        expected = model(**inputs, use_cache=False).logits
+        expected = forward(model, inputs, use_cache=False).logits
     # a fresh interpreter that never imports vr_plugin
     code = (
         "import sys, torch, transformers;"
@@ -142,13 +146,13 @@ def test_block_influence_matches_output_hidden_states(arch):
     layers = find_decoder_layers(model).layers
     layers[-1].register_forward_hook(lambda m, a, k, o: norm_input.setdefault("out", o), with_kwargs=True)
     with torch.no_grad():
-        states = model(**inputs, output_hidden_states=True, use_cache=False).hidden_states
+        states = forward(model, inputs, output_hidden_states=True, use_cache=False).hidden_states
     last = norm_input["out"][0] if isinstance(norm_input["out"], tuple) else norm_input["out"]
     outputs = list(states[1:-1]) + [last]  # the last hidden_states entry is after the final norm
     assert norm is layers[-1]
     for i in range(8):
         direct = 1 - torch.nn.functional.cosine_similarity(states[i], outputs[i], dim=-1).mean().item()
-        assert abs(scores[i] - direct) < 1e-5, (i, scores[i], direct)
+        assert abs(scores[i] - direct) < 1e-4, (i, scores[i], direct)
 
 
 @pytest.mark.parametrize("arch", VLMS)
@@ -161,11 +165,11 @@ def test_image_and_text_block_influence_use_image_positions(arch):
     token = getattr(model.config, "image_token_id", getattr(model.config, "image_token_index", None))
     mask = inputs["input_ids"] == token
     with torch.no_grad():
-        states = model(**inputs, output_hidden_states=True, use_cache=False).hidden_states
+        states = forward(model, inputs, output_hidden_states=True, use_cache=False).hidden_states
     cos = torch.nn.functional.cosine_similarity(states[2], states[3], dim=-1)
     assert abs(image[2] - (1 - cos[mask].mean().item())) < 1e-5
     assert abs(text[2] - (1 - cos[~mask].mean().item())) < 1e-5
-    assert abs(both[2] - 0.5 * (image[2] + text[2])) < 1e-9
+    assert abs(both[2] - 0.5 * (image[2] + text[2])) < 1e-5
 
 
 def test_padding_is_masked():
@@ -226,15 +230,53 @@ def test_bad_metric_and_no_data():
         score_layers(model, None, "bi")
 
 
-def test_depth_scaled_layers_keep_their_original_depth():
-    """MiniCPM-style layers store the depth they were built for; loaders restore it after a pruned reload."""
-    model = _model("llava")
-    layers = find_decoder_layers(model).layers
-    for layer in layers:
-        layer.num_hidden_layers = 6  # what a rebuilt, pruned model would see
-    prune_outside_region(model, remove=[2, 3])
-    assert restore_depth_scaling(model) == 6
-    assert {layer.num_hidden_layers for layer in find_decoder_layers(model).layers} == {8}
+class _DepthScaledLayer(torch.nn.Module):
+    """MiniCPM's decoder layer in miniature: each residual branch is scaled by scale_depth / sqrt(depth)."""
+
+    def __init__(self, depth):
+        super().__init__()
+        self.scale_depth, self.num_hidden_layers = 1.4, depth
+        self.self_attn = torch.nn.Module()
+        self.self_attn.q_proj, self.self_attn.o_proj = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+        self.mlp = torch.nn.Module()
+        self.mlp.up_proj, self.mlp.down_proj = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8, bias=False)
+
+    def forward(self, hidden):
+        scale = self.scale_depth / math.sqrt(self.num_hidden_layers)
+        hidden = hidden + self.self_attn.o_proj(torch.tanh(self.self_attn.q_proj(hidden))) * scale
+        return hidden + self.mlp.down_proj(torch.relu(self.mlp.up_proj(hidden))) * scale
+
+
+class _DepthScaledModel(torch.nn.Module):
+    def __init__(self, depth=6):
+        super().__init__()
+        self.config = types.SimpleNamespace(num_hidden_layers=depth)
+        self.model = torch.nn.Module()
+        self.model.embed_tokens = torch.nn.Embedding(10, 8)
+        self.model.layers = torch.nn.ModuleList(_DepthScaledLayer(depth) for _ in range(depth))
+
+    def forward(self, ids):
+        hidden = self.model.embed_tokens(ids)
+        for layer in self.model.layers:
+            hidden = layer(hidden)
+        return hidden
+
+
+def test_depth_scaled_residuals_stay_exact():
+    """Pruning rescales MiniCPM-style layers so a checkpoint rebuilt at the new depth computes the same."""
+    torch.manual_seed(0)
+    model, ids = _DepthScaledModel(6), torch.randint(0, 10, (2, 5))
+    handles = _skipping(model, [1, 4])
+    with torch.no_grad():
+        reference = model(ids)
+    for handle in handles:
+        handle.remove()
+    prune_outside_region(model, remove=[1, 4], region="none")
+    assert [layer.num_hidden_layers for layer in model.model.layers] == [4] * 4 and model.config.num_hidden_layers == 4
+    rebuilt = _DepthScaledModel(4)  # what from_pretrained builds from the saved (pruned) config
+    rebuilt.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(model(ids), reference, atol=1e-6) and torch.allclose(rebuilt(ids), reference, atol=1e-6)
 
 
 def test_scoring_memory_does_not_grow_with_depth():

@@ -41,7 +41,6 @@ _LAZY = {
     "score_layers": "score",
     "load_scores": "score",
     "prune_outside_region": "prune",
-    "restore_depth_scaling": "prune",
 }
 
 __all__ = ["__version__", "select_layers", *_LAZY]
@@ -53,7 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .freeze import RegionPlan, apply_visual_region  # noqa: F401
     from .locate import DecoderLayers, find_decoder_layers, map_parameters, num_layers_from_config  # noqa: F401
     from .lora import apply_region_lora, prepare_qlora, region_lora_config, region_param_groups  # noqa: F401
-    from .prune import prune_outside_region, restore_depth_scaling  # noqa: F401
+    from .prune import prune_outside_region  # noqa: F401
     from .quant import bnb_config, load_for_region, load_quantized  # noqa: F401
     from .record import read_pruning, read_region  # noqa: F401
     from .score import load_scores, score_layers  # noqa: F401

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any, Iterable, Optional, Union
@@ -12,7 +13,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .freeze import RegionPlan, apply_visual_region
 from .record import RegionRecord, check_resume_region, save_region_file
 
-__all__ = ["RegionFreezeCallback", "optimizer_parameters", "verify_optimizer"]
+__all__ = ["PLAN_FILE", "RegionFreezeCallback", "optimizer_parameters", "verify_optimizer", "write_plan"]
+
+PLAN_FILE = "region_plan.json"
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +92,24 @@ def _drop_frozen(optimizer: Any, world_size: int) -> int:
     return dropped
 
 
+def write_plan(plan: RegionPlan, path: str) -> str:
+    """Write what trains (spec, layers, per-group counts, every trainable parameter name) as JSON."""
+    data = {
+        "spec": plan.spec,
+        "layers": plan.layers,
+        "num_layers": plan.num_layers,
+        "layers_path": plan.layers_path,
+        "trainable": plan.trainable,
+        "total": plan.total,
+        "groups": {name: {"trainable": c.trainable, "total": c.total} for name, c in plan.groups.items()},
+        "trainable_names": plan.trainable_names,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=1)
+    return path
+
+
 def _resume_candidates(args: Any) -> list:
     found = []
     resume = getattr(args, "resume_from_checkpoint", None)
@@ -109,7 +130,8 @@ class RegionFreezeCallback(TrainerCallback):
 
     Freezes in ``on_init_end`` (before the optimizer or a DeepSpeed engine
     exists), verifies in ``on_train_begin`` that the optimizer holds exactly
-    the plan's parameters and logs one line, and writes ``visual_region.json``
+    the plan's parameters, logs one line and writes ``region_plan.json`` (every
+    trainable parameter) into ``output_dir``, and writes ``visual_region.json``
     into every checkpoint.  ``spec`` and ``options`` are those of
     :func:`vr_plugin.apply_visual_region`.
     """
@@ -146,6 +168,8 @@ class RegionFreezeCallback(TrainerCallback):
             logger.warning("RegionFreezeCallback: no optimizer visible in on_train_begin; not verified")
         if state.is_world_process_zero:
             logger.info(self.plan.summary())
+            if getattr(args, "output_dir", None):
+                write_plan(self.plan, os.path.join(args.output_dir, PLAN_FILE))
 
     def on_save(self, args, state, control, **kwargs):
         if self.plan is not None and state.is_world_process_zero:

@@ -7,22 +7,25 @@ Layer surgery that survives ``save_pretrained`` / ``from_pretrained`` and cached
    KV cache is addressed by the new positions;
 3. the LLM config's ``num_hidden_layers`` becomes the kept count, and every per-layer list (``layer_types``
    and any other list as long as the old depth) is sliced; ``max_window_layers`` is remapped;
-4. the config records the removed layers (original numbering) and the original depth, and the region record
+4. layers that scale their residuals by the model depth (MiniCPM) are rescaled to stay exact at the new depth;
+5. the config records the removed layers (original numbering) and the original depth, and the region record
    is renumbered to the new positions.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Iterable, Optional, Union
 
+import torch
 from torch import nn
 
 from .locate import find_decoder_layers, text_config, unwrap_model
 from .record import PruningRecord, read_pruning, read_region, write_pruning, write_region
 from .spec import select_layers
 
-__all__ = ["prune_outside_region", "choose_layers_to_remove", "remove_layers", "restore_depth_scaling"]
+__all__ = ["prune_outside_region", "choose_layers_to_remove", "remove_layers"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +102,51 @@ def _fix_config(config: Any, keep: list, old_depth: int) -> None:
         config.max_window_layers = sum(1 for i in keep if i < window)
 
 
+_RESIDUAL_OUTPUTS = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def _rescale_depth_scaled(layers: Iterable[nn.Module], new_depth: int) -> int:
+    """Keep MiniCPM-style residuals right at the new depth; return how many layers were rescaled.
+
+    Such a layer adds each residual branch times ``scale_depth / sqrt(num_hidden_layers)``, with the depth it was
+    built for. A pruned checkpoint is rebuilt with the smaller depth, so the layer is told the new depth and the
+    linear maps ending its two branches absorb the difference, ``sqrt(new / old)``: the network computes the same
+    function in memory, after ``save_pretrained`` and after a plain ``from_pretrained``.
+    """
+    count = 0
+    for layer in layers:
+        old = getattr(layer, "num_hidden_layers", None)
+        if not isinstance(old, int) or not hasattr(layer, "scale_depth") or old == new_depth:
+            continue
+        outputs = []
+        for name in _RESIDUAL_OUTPUTS:
+            module = layer.get_submodule(name) if _has(layer, name) else None
+            if type(module) is not nn.Linear:
+                raise NotImplementedError(
+                    f"{type(layer).__name__} scales its residuals by its depth, but its {name} is "
+                    f"{type(module).__name__ if module is not None else 'missing'}, not a plain nn.Linear; merge "
+                    "adapters / load unquantized before pruning"
+                )
+            outputs.append(module)
+        factor = math.sqrt(new_depth / old)
+        with torch.no_grad():
+            for module in outputs:
+                module.weight.mul_(factor)
+                if module.bias is not None:
+                    module.bias.mul_(factor)
+        layer.num_hidden_layers = new_depth
+        count += 1
+    return count
+
+
+def _has(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
 def remove_layers(model: nn.Module, remove: Iterable[int], layers_path: Optional[str] = None) -> list:
     """Delete decoder layers ``remove`` (current numbering) and fix indices and config; return the kept list."""
     location = find_decoder_layers(model, layers_path)
@@ -112,6 +160,7 @@ def remove_layers(model: nn.Module, remove: Iterable[int], layers_path: Optional
     new_layers = nn.ModuleList([location.layers[i] for i in keep])
     for new_index, layer in enumerate(new_layers):
         _renumber(layer, new_index)
+    _rescale_depth_scaled(new_layers, len(keep))
     owner_name, _, attribute = location.name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
     setattr(owner, attribute, new_layers)
@@ -126,24 +175,6 @@ def remove_layers(model: nn.Module, remove: Iterable[int], layers_path: Optional
     for config in configs.values():
         _fix_config(config, keep, old_depth)
     return keep
-
-
-def restore_depth_scaling(model: nn.Module, layers_path: Optional[str] = None) -> int:
-    """Give every layer that stores its model's depth (MiniCPM's residual scale) the *original* depth again.
-
-    MiniCPM scales residuals by ``scale_depth / sqrt(num_hidden_layers)`` using the depth each layer saw at
-    construction; a pruned checkpoint is rebuilt with the smaller depth, so loaders call this after loading.
-    Returns how many layers were corrected.
-    """
-    record = read_pruning(unwrap_model(model))
-    if record is None:
-        return 0
-    fixed = 0
-    for layer in find_decoder_layers(model, layers_path).layers:
-        if isinstance(getattr(layer, "num_hidden_layers", None), int):
-            layer.num_hidden_layers = record.original_num_layers
-            fixed += 1
-    return fixed
 
 
 def prune_outside_region(

@@ -146,6 +146,14 @@ class _Accumulator:
         return self.sums[key] / count if count else float("nan")
 
 
+def reset_position_state(model: nn.Module) -> None:
+    """Forget positions a model cached from its previous call (Qwen2-VL's ``rope_deltas`` before transformers
+    4.52 are reused by the next call without a cache, which then gets plain 1-D positions for image tokens)."""
+    for module in unwrap_model(model).modules():
+        if getattr(module, "rope_deltas", None) is not None:
+            module.rope_deltas = None
+
+
 def _batches_to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -256,6 +264,7 @@ def score_layers(
                 state["batch"], state["types"] = batch, None
                 observer.reset()
                 held.clear()
+                reset_position_state(model)
                 model(**batch, use_cache=False)
                 seen += int(state["types"]["all"].sum()) if state["types"] else 0
     finally:

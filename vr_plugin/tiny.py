@@ -108,6 +108,8 @@ def build_config(
         )
         if arch == "llava_next":
             kwargs["image_grid_pinpoints"] = _GRID_PINPOINTS
+        elif _accepts_init(config_cls, "image_seq_length"):  # transformers < 4.52 treats fewer tokens as legacy input
+            kwargs["image_seq_length"] = (IMAGE_SIZE // PATCH) ** 2
     elif arch == "llava_onevision":
         text["model_type"] = "qwen2"
         kwargs = dict(
@@ -190,6 +192,12 @@ def _forward_accepts(config: Any, argument: str) -> bool:
     return False
 
 
+def _accepts_init(cls: type, argument: str) -> bool:
+    import inspect
+
+    return argument in inspect.signature(cls.__init__).parameters
+
+
 def image_token_count(config: Any) -> int:
     """How many placeholder tokens one IMAGE_SIZE x IMAGE_SIZE image takes in ``config``'s model."""
     model_type = getattr(config, "model_type", "")
@@ -197,7 +205,7 @@ def image_token_count(config: Any) -> int:
         vision = config.vision_config
         side = IMAGE_SIZE // vision.patch_size // vision.spatial_merge_size
         return side * side
-    if model_type == "llava" and not hasattr(config, "image_seq_length"):
+    if model_type == "llava" and not _accepts_init(type(config), "image_seq_length"):
         return 1  # transformers < 4.44: the model expands one placeholder per image itself
     return (IMAGE_SIZE // PATCH) ** 2
 

@@ -4,7 +4,7 @@ Everything is built here from configs (random weights, locally trained tokenizer
 then loaded by Bunny's own ``train()`` with ``from_pretrained``.  The LLMs are saved with the model classes
 Bunny vendors (``bunny/model/language_model/*``), as the base checkpoints Bunny fine-tunes from would be, so
 the Bunny checkout named by ``VR_BUNNY_REPO`` must be importable; that only works inside the ``bunny`` stack
-(transformers 4.51, see ``tests/stacks.py``).
+(transformers 4.47, see ``tests/stacks.py``).
 
 Each tokenizer reproduces what Bunny's preprocessing relies on for the backbone's conversation template
 (``bunny/conversation.py``, ``bunny/util/data_utils.py``): whether a BOS is prepended, the end-of-turn string
@@ -381,7 +381,12 @@ def bunny_ready() -> bool:
 
 
 def run_bunny(
-    args: list, cwd: str, module: str = "bunny.train.train", repo: Optional[str] = None, timeout: int = 600
+    args: list,
+    cwd: str,
+    module: str = "bunny.train.train",
+    repo: Optional[str] = None,
+    timeout: int = 600,
+    stdin: Optional[str] = None,
 ) -> subprocess.CompletedProcess:
     """Run ``python -m <module> <args>`` in a subprocess with the Bunny checkout on ``PYTHONPATH``; never raises."""
     import subprocess
@@ -389,7 +394,13 @@ def run_bunny(
     env = dict(os.environ, PYTHONPATH=bunny_repo(repo), TOKENIZERS_PARALLELISM="false")
     env.setdefault("OMP_NUM_THREADS", "1")  # tiny tensors: extra threads only cost time, more so on a busy machine
     return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=stdin,
     )
 
 

@@ -59,7 +59,7 @@ def _inputs(workspace, tokenizer, processor, model):
     host = SimpleNamespace(constants=constants, conversation=conversation, mm_utils=mm_utils)
     batch = next(
         host_prompt_batches(
-            host, tokenizer, processor, model.config, workspace["test"], workspace["images"], "vicuna_v1", limit=1
+            host, tokenizer, processor, model, workspace["test"], workspace["images"], "vicuna_v1", limit=1
         )
     )
     return batch

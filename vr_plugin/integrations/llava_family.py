@@ -191,13 +191,12 @@ def patch_loader(
 ) -> Callable:
     """Wrap ``builder.load_pretrained_model`` so every model it returns is pruned outside its region.
 
-    Also applied to a checkpoint that was pruned and saved already: layers storing their model's depth (MiniCPM)
-    get the original depth back. Already-imported references (``from ...builder import load_pretrained_model``
-    in eval or serve modules) are patched too. Returns the wrapper.
+    Already-imported references (``from ...builder import load_pretrained_model`` in eval or serve modules) are
+    patched too. Returns the wrapper.
     """
     import sys
 
-    from ..prune import prune_outside_region, restore_depth_scaling
+    from ..prune import prune_outside_region
 
     original = getattr(builder.load_pretrained_model, "__wrapped__", builder.load_pretrained_model)
 
@@ -205,7 +204,6 @@ def patch_loader(
         tokenizer, model, image_processor, context_len = original(*args, **kwargs)
         if remove:
             prune_outside_region(model, remove=remove, scores=scores, allow_region=allow_region)
-        restore_depth_scaling(model)
         return tokenizer, model, image_processor, context_len
 
     load_pretrained_model.__wrapped__ = original
@@ -262,7 +260,7 @@ def host_prompt_batches(
     host: Any,
     tokenizer: Any,
     image_processor: Any,
-    model_config: Any,
+    model: Any,
     json_path: str,
     image_folder: str,
     conv_mode: str,
@@ -273,11 +271,14 @@ def host_prompt_batches(
 
     ``host`` names the host's modules: ``conversation``, ``mm_utils`` and ``constants``.
     """
+    import inspect
+
     from PIL import Image
 
     from ..data import load_conversations, record_images
 
     constants, conversation, mm_utils = host.constants, host.conversation, host.mm_utils
+    takes_sizes = "image_sizes" in inspect.signature(type(model).forward).parameters  # LLaVA yes, Bunny no
     if conv_mode not in conversation.conv_templates:
         raise ValueError(f"--conv-mode {conv_mode!r} unknown; choose from {sorted(conversation.conv_templates)}")
     for record in load_conversations(json_path)[:limit]:
@@ -296,15 +297,23 @@ def host_prompt_batches(
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if images:
             image = Image.open(os.path.join(image_folder, images[0])).convert("RGB")
-            batch["images"] = mm_utils.process_images([image], image_processor, model_config)
-            batch["image_sizes"] = [image.size]
+            batch["images"] = mm_utils.process_images([image], image_processor, model.config).to(model.dtype)
+            if takes_sizes:
+                batch["image_sizes"] = [image.size]
         yield batch
 
 
-def score_main(host: Any, builder_name: str, argv: list, prog: str, default_conv_mode: str) -> dict:
-    """``score`` entry of an integration: load a checkpoint with the host's builder, score its layers, write JSON."""
+def score_main(
+    host: Any,
+    argv: list,
+    prog: str,
+    default_conv_mode: str,
+    load: Callable[[Any], tuple],
+    add_arguments: Optional[Callable[[Any], None]] = None,
+) -> dict:
+    """``score`` entry of an integration: load a checkpoint with ``load(namespace) -> (tokenizer, model,
+    image_processor)`` (the host's builder), score its layers on calibration prompts, write the JSON report."""
     import argparse
-    import importlib
 
     from ..score import METRICS, score_layers
 
@@ -322,20 +331,15 @@ def score_main(host: Any, builder_name: str, argv: list, prog: str, default_conv
     parser.add_argument("--conv-mode", default=default_conv_mode)
     parser.add_argument("--limit", type=int, default=None, help="use only the first N records")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--extra", nargs="*", default=[], help="more key=value arguments for the host's loader")
+    if add_arguments is not None:
+        add_arguments(parser)
     ns = parser.parse_args(argv)
-    builder = importlib.import_module(builder_name)
-    name = host.mm_utils.get_model_name_from_path(ns.model_path)
-    extra = dict(item.split("=", 1) for item in ns.extra)
-    tokenizer, model, image_processor, _ = builder.load_pretrained_model(
-        ns.model_path, ns.model_base, name, device=ns.device, **extra
-    )
+    tokenizer, model, image_processor = load(ns)
     if ns.device == "cpu":
         model = model.float()  # the builders load fp16; score in fp32 on CPU
     batches = list(
-        host_prompt_batches(host, tokenizer, image_processor, model.config, ns.data, ns.images, ns.conv_mode, ns.limit)
+        host_prompt_batches(host, tokenizer, image_processor, model, ns.data, ns.images, ns.conv_mode, ns.limit)
     )
-    batches = [{k: v.to(model.dtype) if k == "images" else v for k, v in b.items()} for b in batches]
     return score_layers(
         model,
         batches,

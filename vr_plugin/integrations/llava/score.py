@@ -4,8 +4,16 @@ score a LLaVA checkpoint's layers on calibration images, prompts built as LLaVA'
 import sys
 from types import SimpleNamespace
 
-from vr_plugin.integrations.llava import BUILDER_MODULE
 from vr_plugin.integrations.llava_family import score_main
+
+
+def _load(ns):
+    from llava.mm_utils import get_model_name_from_path
+    from llava.model.builder import load_pretrained_model
+
+    name = get_model_name_from_path(ns.model_path)
+    tokenizer, model, processor, _ = load_pretrained_model(ns.model_path, ns.model_base, name, device=ns.device)
+    return tokenizer, model, processor
 
 
 def main(argv: list) -> dict:
@@ -13,7 +21,7 @@ def main(argv: list) -> dict:
     from llava import constants, conversation, mm_utils
 
     host = SimpleNamespace(constants=constants, conversation=conversation, mm_utils=mm_utils)
-    return score_main(host, BUILDER_MODULE, argv, "vr_plugin.integrations.llava.score", "vicuna_v1")
+    return score_main(host, argv, "vr_plugin.integrations.llava.score", "vicuna_v1", _load)
 
 
 if __name__ == "__main__":
