@@ -3,6 +3,7 @@
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -187,3 +188,32 @@ def test_qlora_region_same_targets_and_trainable_set(workspace):
     ids = torch.randint(3, 100, (1, 8))
     quantized(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for n, p in quantized.named_parameters() if p.requires_grad and "lora_" in n)
+
+
+def test_deepspeed_module_launch_two_ranks(workspace, tmp_path):
+    """``deepspeed --module vr_plugin.integrations.llava.train`` with ZeRO-2 on two CPU ranks.
+
+    Both ranks freeze before the engine exists and train; LLaVA's final save then calls torch.cuda.synchronize()
+    (llava/train/train.py, safe_save_model_for_hf_trainer), which a CPU-only torch cannot do.
+    """
+    import json as _json
+
+    config = tmp_path / "zero2.json"
+    config.write_text(_json.dumps({  # LLaVA's scripts/zero2.json, with the batch sizes spelled out for CPU ranks
+        "fp16": {"enabled": "auto"}, "bf16": {"enabled": "auto"},
+        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
+                              "sub_group_size": 1e9, "reduce_bucket_size": "auto"},
+    }))  # fmt: skip
+    out = str(tmp_path / "llava-vr25-ds")
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    command = [launcher, "--num_gpus", "2", "--master_port", "29751", "--module", "vr_plugin.integrations.llava.train",
+               *_flags(workspace, out), "--visual_region", "uniform_0.25", "--deepspeed", str(config),
+               "--use_cpu", "True", "--ddp_backend", "gloo"]  # fmt: skip
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    log = run.stdout + run.stderr
+    assert log.count("visual region 'uniform_0.25': 2/8 layers [1,7]") == 2, log[-4000:]  # one line per rank
+    assert log.count("'loss':") == 3, log[-4000:]  # every step trained
+    assert read_json(os.path.join(out, "region_plan.json"))["layers"] == [1, 7]
+    assert run.returncode == 0 or "Torch not compiled with CUDA enabled" in log, log[-4000:]
