@@ -295,7 +295,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
     config = DemoConfig.quick() if args.quick else DemoConfig()
-    for name in ("steps", "n_train", "n_test", "num_layers", "seed", "threads"):
+    for name in ("steps", "pretrain_steps", "n_train", "n_test", "num_layers", "seed", "threads"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     result = run_demo(args.out, config, progress=not args.no_progress)
@@ -467,10 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="vr_demo", help="output folder (default: ./%(default)s)")
     p.add_argument("--quick", action="store_true", help="a reduced run (fewer samples and steps), for tests")
-    p.add_argument("--steps", type=int, help="training steps of each run")
-    p.add_argument(*_flag("n_train"), type=int, help="training questions")
-    p.add_argument(*_flag("n_test"), type=int, help="held-out questions")
-    p.add_argument(*_flag("num_layers"), type=int, help="decoder layers of the demo LLM")
+    p.add_argument("--steps", type=int, help="instruction-tuning steps of each run (default: 150)")
+    p.add_argument(*_flag("pretrain_steps"), type=int, help="pre-training steps of the base model (default: 200)")
+    p.add_argument(*_flag("n_train"), type=int, help="training questions (default: 1024)")
+    p.add_argument(*_flag("n_test"), type=int, help="held-out questions (default: 200)")
+    p.add_argument(*_flag("num_layers"), type=int, help="decoder layers of the demo LLM (default: 8)")
     p.add_argument("--seed", type=int, help="seed of the data, the model and the training")
     p.add_argument("--threads", type=int, help="torch threads (default: 1, fastest for the demo's tiny matrices)")
     p.add_argument(*_flag("no_progress"), action="store_true", help="no progress bars")
