@@ -372,3 +372,59 @@ def test_score_and_prune_bad_inputs(capsys, tmp_path, llava, data):
     with pytest.raises(SystemExit):
         main([*map(str, base), "--remove", "1.5", "--scores", str(scores)])
     assert "ratio 1.5 is not in (0, 1)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ launchers
+
+
+def test_train_under_deepspeed_zero3_two_ranks(tmp_path, llava, data):
+    """`deepspeed --module vr_plugin train` (it inserts --local_rank before the subcommand), ZeRO-3, 2 CPU ranks."""
+    pytest.importorskip("deepspeed")
+    import shutil
+
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": 0.0}},
+    }))  # fmt: skip
+    out = tmp_path / "out"
+    launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
+    command = [
+        launcher, "--num_gpus", "2", "--master_port", "29660", "--module", "vr_plugin", "train", "--model", llava,
+        "--data", data["train"], "--images", data["images"], "--output", out, "--max_steps", "2",
+        "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--save_strategy", "no",
+        "--deepspeed", config, "--disable_tqdm", "true",
+    ]  # fmt: skip
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    run = subprocess.run(list(map(str, command)), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count("trained layers [1,7] of 8 (uniform_0.25), 18.49% of the parameters") == 1  # rank 0
+    before, after = weights(llava), weights(out)
+    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    assert moved == {
+        n for n in before if n.startswith((f"{LAYERS}.1.", f"{LAYERS}.7.", "model.multi_modal_projector."))
+    }
+    assert read_region(str(out)).layers == [1, 7]
+
+
+def test_train_under_torchrun_ddp_two_ranks(tmp_path, llava, data):
+    """`torchrun -m vr_plugin train` with 2 CPU ranks (gloo DDP; --use_cpu makes the Trainer see both ranks)."""
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29665",
+        "-m", "vr_plugin", "train", "--model", llava, "--data", data["train"], "--images", data["images"],
+        "--output", out, "--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2",
+        "--save_strategy", "no", "--use_cpu", "true", "--disable_tqdm", "true", "--logging_steps", "1",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    run = subprocess.run(list(map(str, command)), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count("trained layers [1,7] of 8 (uniform_0.25)") == 1  # rank 0 only
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and state["epoch"] == 2 * 2 * 2 / 12  # 2 ranks x 2 samples a step, 12 samples
+    before, after = weights(llava), weights(out)
+    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    assert moved == {
+        n for n in before if n.startswith((f"{LAYERS}.1.", f"{LAYERS}.7.", "model.multi_modal_projector."))
+    }

@@ -157,7 +157,7 @@ def cmd_train(args: argparse.Namespace, hf_args: list) -> int:
             "transformers.TrainingArguments one, see --hf_help)"
         )
     result = train(config, training_args)
-    if training_args.process_index == 0:
+    if result.main_process:
         plan, metrics = result.plan, result.metrics
         print(
             f"trained layers [{describe_indices(plan.layers)}] of {plan.num_layers} ({plan.spec}), "

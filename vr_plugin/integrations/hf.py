@@ -126,6 +126,7 @@ class TrainResult:
     metrics: dict
     log_history: list
     saved: list = field(default_factory=list)
+    main_process: bool = True  # False on the other ranks of a distributed run
 
 
 def _require(module: str, why: str) -> None:
@@ -283,6 +284,13 @@ class _BarOnly(ProgressCallback):
         return None
 
 
+def _is_main_process(trainer: Any) -> bool:
+    """Rank 0 of the run. ``torch.distributed``'s rank is asked too: under DeepSpeed's CPU accelerator the
+    TrainingArguments of transformers 5.x report process 0 of 1 on every rank."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return trainer.is_world_process_zero() and rank == 0
+
+
 def train(config: RegionTrainingConfig, args: Any, *, print_logs: bool = True) -> TrainResult:
     """Visual instruction tuning of ``config.model`` on ``config.data``, only the visual region learning.
 
@@ -345,7 +353,8 @@ def train(config: RegionTrainingConfig, args: Any, *, print_logs: bool = True) -
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
     saved = [args.output_dir]
-    if trainer.is_world_process_zero():
+    main_process = _is_main_process(trainer)
+    if main_process:
         trainer.save_state()
         plan = callback.plan
         if config.lora:
@@ -360,4 +369,11 @@ def train(config: RegionTrainingConfig, args: Any, *, print_logs: bool = True) -
             from ..export import save_region_state
 
             saved.append(save_region_state(trainer.model, args.output_dir))
-    return TrainResult(args.output_dir, callback.plan, dict(result.metrics), list(trainer.state.log_history), saved)
+    return TrainResult(
+        args.output_dir,
+        callback.plan,
+        dict(result.metrics),
+        list(trainer.state.log_history),
+        saved,
+        main_process=main_process,
+    )
