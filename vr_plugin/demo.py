@@ -380,12 +380,13 @@ def _write_report(
     depth = config.num_layers
     region = _region(depth)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    threads = torch.get_num_threads()
     lines = [
         "# vr_plugin demo: visual region vs full tuning, then pruning",
         "",
         f"Measured by `vr-plugin demo` on {datetime.date.today().isoformat()} ({platform.system()} "
-        f"{platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads, device "
-        f"{device}, torch {torch.__version__}); the whole run took **{seconds:.0f} s**.",
+        f"{platform.machine()}, {os.cpu_count()} CPU cores, {threads} torch thread{'' if threads == 1 else 's'}, "
+        f"device {device}, torch {torch.__version__}); the whole run took **{seconds:.0f} s**.",
         "",
         f"A small Llava ({depth} LLM decoder layers of width {config.hidden}, a CLIP vision tower kept frozen, an MLP "
         f"projector), pre-trained on captions, then instruction-tuned for {config.steps} steps (batch "
