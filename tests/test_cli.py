@@ -110,6 +110,7 @@ def test_real_exit_status_and_no_traceback():
 def test_select(capsys):
     assert cli(capsys, "select", "uniform_0.25", "--num-layers", 32)[:2] == (0, "1,5,9,13,19,23,27,31\n")
     assert cli(capsys, "select", "none", "--num_layers", 4)[:2] == (0, "(none)\n")
+    assert cli(capsys, "-q", "select", "last_2", "--num-layers", 4)[:2] == (0, "2,3\n")
     fails(capsys, "select", "uniform_1.5", "--num-layers", 32, match="the fraction 1.5 is not in (0, 1]")
     fails(capsys, "select", "uniform_0.25", "--num-layers", 0, match="num_layers must be a positive integer, got 0")
 
@@ -193,6 +194,8 @@ def test_train_qwen2_vl_lora_end_to_end(capsys, tmp_path, qwen, data):
     assert code == 0, err
     assert f"saved to {out}, {out / 'merged'}" in stdout
     assert json.loads((out / "visual_region.json").read_text())["layers"] == [1, 7]
+    code, stdout, _ = cli(capsys, "inspect", out)  # an adapter directory maps through its base's config
+    assert code == 0 and "region       'uniform_0.25' (recorded in the config): 2 layers [1,7]" in stdout
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == os.path.abspath(qwen)
     # the adapter directory loads with plain from_pretrained (transformers' peft integration) ...

@@ -7,10 +7,11 @@ Errors a shell user can fix (a bad path, spec, record, flag, or a missing option
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from .spec import ACCEPTED_FORMS, describe_indices, select_layers
 
@@ -491,13 +492,24 @@ def _one_line(error: BaseException) -> str:
     return " ".join(text.split())
 
 
-def _set_verbosity(args: argparse.Namespace) -> None:
+@contextlib.contextmanager
+def _verbosity(args: argparse.Namespace) -> Iterator[None]:
+    """``-q`` / ``-v``: the vr_plugin and transformers log levels while the command runs."""
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else None
-    if level is not None:
-        logging.getLogger("vr_plugin").setLevel(level)
-        import transformers
+    if level is None:
+        yield
+        return
+    import transformers
 
-        transformers.logging.set_verbosity(level)
+    library = logging.getLogger("vr_plugin")
+    saved = library.level, transformers.logging.get_verbosity()
+    library.setLevel(level)
+    transformers.logging.set_verbosity(level)
+    try:
+        yield
+    finally:
+        library.setLevel(saved[0])
+        transformers.logging.set_verbosity(saved[1])
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -510,10 +522,10 @@ def main(argv: Optional[list] = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command != "train" and rest:
         parser.parse_args(argv)  # argparse's own message and exit status 2
-    _set_verbosity(args)
     func: Callable[..., int] = args.func
     try:
-        return func(args, rest) if args.command == "train" else func(args)
+        with _verbosity(args):
+            return func(args, rest) if args.command == "train" else func(args)
     except KeyboardInterrupt:
         print(f"vr-plugin {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -299,9 +299,14 @@ def train(config: RegionTrainingConfig, args: Any, *, print_logs: bool = True) -
     they are still in the result and ``trainer_state.json``. Returns a :class:`TrainResult`; the model is saved to
     ``args.output_dir``.
     """
+    from transformers import AutoConfig
+
     from ..data import Collator, ConversationDataset, load_processor
+    from ..locate import num_layers_from_config
+    from ..spec import select_layers
 
     config.validate()
+    select_layers(config.visual_region, num_layers_from_config(AutoConfig.from_pretrained(config.model)))  # fail fast
     args.remove_unused_columns = False
     if not args.label_names:
         args.label_names = ["labels"]  # a PeftModel's forward hides them from the Trainer's signature check
