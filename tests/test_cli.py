@@ -305,7 +305,7 @@ def test_eval_bad_inputs(capsys, tmp_path, llava, data):
     fails(capsys, *base[:5], "--images", tmp_path / "i", match=f"image folder '{tmp_path / 'i'}' does not exist")
     fails(capsys, "eval", "--model", tmp_path / "m", *base[3:], match="model directory")
     fails(capsys, *base, "--limit", 0, match="--limit must be >= 1, got 0")
-    fails(capsys, *base, "--batch_size", 0, "--out", tmp_path / "p.json", match="batch_size and max_new_tokens")
+    fails(capsys, *base, "--batch_size", 0, "--out", tmp_path / "p.json", match="--batch_size must be >= 1, got 0")
     open_ended = tmp_path / "open.json"
     open_ended.write_text(json.dumps([{"id": "q", "conversations": [{"from": "human", "value": "Q?"}]}]))
     fails(capsys, *base[:4], open_ended, match="record 'q': the last turn must be the gpt answer")

@@ -148,7 +148,6 @@ def cmd_train(args: argparse.Namespace, hf_args: list) -> int:
         raise CliError("the following arguments are required: --output")
     config = RegionTrainingConfig(**{f.name: getattr(args, f.name) for f in fields(RegionTrainingConfig)})
     config.validate()
-    select_layers(config.visual_region, 1_000_000)  # a malformed spec fails before anything loads
     training_args, unused = _hf_parser().parse_args_into_dataclasses(
         args=["--logging_steps", "10", *hf_args, "--output_dir", args.output], return_remaining_strings=True
     )
@@ -175,8 +174,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _existing_file(args.data, "question-answer file")
     _existing_dir(args.images, "image folder")
     qa_records(args.data)  # bad records fail before the model loads
-    if args.limit is not None and args.limit < 1:
-        raise CliError(f"--limit must be >= 1, got {args.limit}")
+    for flag in ("limit", "batch_size", "max_new_tokens"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise CliError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     model, processor = _load(args)
     out = args.out or f"{os.path.splitext(os.path.basename(args.data))[0]}_predictions.json"
     report = evaluate(

@@ -245,8 +245,8 @@ class RegionTrainer(Trainer):
             super().__init__(*args, **kwargs)
 
     def create_optimizer(self, model: Any = None) -> Any:
-        if self.projector_lr is None or self.optimizer is not None:
-            return super().create_optimizer(model)
+        if self.projector_lr is None or self.optimizer is not None:  # transformers < 5 takes no model argument
+            return super().create_optimizer() if model is None else super().create_optimizer(model)
         opt_model = self.model if model is None else model
         groups = region_param_groups(
             opt_model, lr=self.args.learning_rate, projector_lr=self.projector_lr, weight_decay=self.args.weight_decay
