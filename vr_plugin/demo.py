@@ -228,9 +228,10 @@ def _run(out: str, config: DemoConfig, progress: bool) -> DemoResult:
         runs[key] = run(key, base, data["train"], spec, config.steps)
         timings[f"training ({key})"] = time.perf_counter() - t
 
-    def score_and_eval(name: str, directory: str) -> tuple:
-        model, processor = load_model(directory)
-        report = evaluate(
+    def evaluate_saved(name: str) -> Any:
+        """Held-out accuracy of ``models/<name>``, loaded back from disk as a user would."""
+        model, processor = load_model(os.path.join(models, name))
+        return evaluate(
             model,
             processor,
             data["test"],
@@ -239,14 +240,11 @@ def _run(out: str, config: DemoConfig, progress: bool) -> DemoResult:
             max_new_tokens=8,
             progress=progress,
             out=os.path.join(out, "eval", f"{name}.json"),
-            model_id=os.path.relpath(directory, out),
+            model_id=f"models/{name}",
         )
-        return model, processor, report
 
     t = stage("5/8", f"evaluating base, region and full on {config.n_test} held-out questions")
-    evals = {}
-    for name in ("base", "region", "full"):
-        model, processor, evals[name] = score_and_eval(name, os.path.join(models, name))
+    evals = {name: evaluate_saved(name) for name in ("base", "region", "full")}
     timings["evaluation"] = time.perf_counter() - t
 
     t = stage("6/8", f"scoring every layer ({METRIC} distance) on {config.calibration} calibration images")
@@ -264,19 +262,20 @@ def _run(out: str, config: DemoConfig, progress: bool) -> DemoResult:
     pruned = {}
     for name in ("region", "full"):
         model, processor, path = loaded[name]
-        record = prune_outside_region(model, remove=config.remove, scores=path, allow_region=name == "full")
+        # the full model's region is every layer: its lowest-scoring layers go, as ordinary layer pruning would
+        pruned[name] = prune_outside_region(model, remove=config.remove, scores=path, allow_region=name == "full")
         save_model(model, processor, os.path.join(models, f"{name}-pruned"))
-        _, _, evals[f"{name}-pruned"] = score_and_eval(f"{name}-pruned", os.path.join(models, f"{name}-pruned"))
-        pruned[name] = record.removed
+        evals[f"{name}-pruned"] = evaluate_saved(f"{name}-pruned")
     timings["pruning"] = time.perf_counter() - t
 
     t = stage("8/8", "writing report.md, layers.png and loss.png")
     prior = answer_prior(data["train"], data["test"])
-    rows = _rows(config, base_run, runs, evals, pruned)
-    plot = _plots(out, config, scores, pruned, base_run, runs)
+    rows = _rows(config, runs, evals, pruned)
+    removed = {name: record.removed for name, record in pruned.items()}
+    plot = _plots(out, config, scores, removed, base_run, runs)
     timings["report"] = time.perf_counter() - t
     seconds = time.perf_counter() - start
-    report = _write_report(out, config, rows, evals, scores, pruned, prior, timings, seconds, plot, torch)
+    report = _write_report(out, config, rows, evals, scores, removed, prior, timings, seconds, plot, torch)
     summary = {"config": asdict(config), "rows": rows, "answer_prior": prior, "seconds": seconds, "timings": timings}
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as handle:
         json.dump(summary, handle, indent=1)
@@ -284,10 +283,12 @@ def _run(out: str, config: DemoConfig, progress: bool) -> DemoResult:
     return DemoResult(out, report, plot, rows, seconds, files={"data": data, "models": models})
 
 
-def _rows(config: DemoConfig, base_run: Any, runs: dict, evals: dict, pruned: dict) -> list:
+def _rows(config: DemoConfig, runs: dict, evals: dict, pruned: dict) -> list:
+    """The report's table: one row per model, every number measured."""
     depth = config.num_layers
-    kept = depth - config.remove
     region = runs["region"].plan
+    kept = {name: f"{len(record.kept)}/{record.original_num_layers}" for name, record in pruned.items()}
+    removed = {name: ",".join(map(str, record.removed)) for name, record in pruned.items()}
     return [
         dict(run="base (before instruction tuning)", share=None, seconds=None, cpu_seconds=None,
              accuracy=evals["base"].accuracy, layers=f"{depth}/{depth}"),
@@ -298,10 +299,10 @@ def _rows(config: DemoConfig, base_run: Any, runs: dict, evals: dict, pruned: di
              share=region.trainable_share, seconds=runs["region"].metrics["train_runtime"],
              cpu_seconds=runs["region"].metrics["cpu_seconds"], accuracy=evals["region"].accuracy,
              layers=f"{depth}/{depth}"),
-        dict(run=f"visual region, pruned (layers {','.join(map(str, pruned['region']))} removed)", share=None,
-             seconds=None, cpu_seconds=None, accuracy=evals["region-pruned"].accuracy, layers=f"{kept}/{depth}"),
-        dict(run=f"full tuning, pruned (layers {','.join(map(str, pruned['full']))} removed)", share=None,
-             seconds=None, cpu_seconds=None, accuracy=evals["full-pruned"].accuracy, layers=f"{kept}/{depth}"),
+        dict(run=f"visual region, pruned (layers {removed['region']} removed)", share=None, seconds=None,
+             cpu_seconds=None, accuracy=evals["region-pruned"].accuracy, layers=kept["region"]),
+        dict(run=f"full tuning, pruned (layers {removed['full']} removed)", share=None, seconds=None,
+             cpu_seconds=None, accuracy=evals["full-pruned"].accuracy, layers=kept["full"]),
     ]  # fmt: skip
 
 
