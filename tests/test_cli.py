@@ -20,10 +20,12 @@ from vr_plugin.synthetic import make_vqa_dataset
 from vr_plugin.tiny import available, save_tiny_lvlm
 
 from .common import requires_cpu_bnb
+from .test_locate import EXPECTED
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = "model.language_model.layers"
 QWEN = available("qwen2_vl")
+TRAIN_ARCHS = [a for a in ("llava", "llava_next", "qwen2_vl") if available(a)]
 
 
 def cli(capsys, *argv):
@@ -156,25 +158,43 @@ def test_inspect_bad_inputs(capsys, tmp_path, llava):
 # ------------------------------------------------------------------------------------------------ train + eval
 
 
-def test_train_llava_region_end_to_end(capsys, tmp_path, llava, data):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, llava, qwen):
+    """``tiny_dir(arch)``: a saved tiny model directory of ``arch`` (one per module)."""
+    made = {"llava": llava, "qwen2_vl": qwen}
+
+    def get(arch):
+        if arch not in made:
+            made[arch] = save_tiny_lvlm(arch, str(tmp_path_factory.mktemp(arch) / "model"))
+        return made[arch]
+
+    return get
+
+
+def _moved(base, trained):
+    before, after = weights(base), weights(trained)
+    return {n for n in before if not torch.equal(before[n], after[n])}, before
+
+
+@pytest.mark.parametrize("arch", TRAIN_ARCHS)
+def test_train_region_end_to_end(capsys, tmp_path, tiny_dir, data, arch):
+    model_dir, out = tiny_dir(arch), tmp_path / "run"
     code, stdout, err = cli(
-        capsys, "train", "--model", llava, "--data", data["train"], "--images", data["images"],
+        capsys, "train", "--model", model_dir, "--data", data["train"], "--images", data["images"],
         "--visual_region", "uniform_0.25", "--output", out, "--max_steps", 3, "--per_device_train_batch_size", 4,
         "--learning_rate", 1e-2, "--save_strategy", "no", "--seed", 0, "--logging_steps", 1,
     )  # fmt: skip
     assert code == 0, err
-    assert "trained layers [1,7] of 8 (uniform_0.25), 18.49% of the parameters" in stdout and str(out) in stdout
+    assert "trained layers [1,7] of 8 (uniform_0.25)" in stdout and f"saved to {out}" in stdout
     assert json.loads((out / "config.json").read_text())["visual_region"] == {
         "spec": "uniform_0.25", "layers": [1, 7], "num_layers": 8
     }  # fmt: skip
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and any("loss" in h for h in state["log_history"])
-    # plain from_pretrained; exactly the region layers and the projector moved
-    before, after = weights(llava), weights(out)
-    moved = {n for n in before if not torch.equal(before[n], after[n])}
-    region = (f"{LAYERS}.1.", f"{LAYERS}.7.", "model.multi_modal_projector.")
-    assert moved == {n for n in before if n.startswith(region)}
+    # plain from_pretrained; exactly the region layers and the projector moved (the vision tower stays frozen)
+    layers, projector, _ = EXPECTED[arch]
+    moved, before = _moved(model_dir, out)
+    assert moved == {n for n in before if n.startswith((f"{layers}.1.", f"{layers}.7.", *projector))}
     code, stdout, _ = cli(
         capsys, "eval", "--model", out, "--data", data["test"], "--images", data["images"],
         "--out", tmp_path / "pred.json", "--max_new_tokens", 4,
@@ -184,10 +204,11 @@ def test_train_llava_region_end_to_end(capsys, tmp_path, llava, data):
     assert report["total"] == 6 and f"{100 * report['accuracy']:.2f}%" in stdout
 
 
-def test_train_qwen2_vl_lora_end_to_end(capsys, tmp_path, qwen, data):
-    out = tmp_path / "lora"
+@pytest.mark.parametrize("arch", [a for a in ("llava", "qwen2_vl") if a in TRAIN_ARCHS])
+def test_train_lora_end_to_end(capsys, tmp_path, tiny_dir, data, arch):
+    model_dir, out = tiny_dir(arch), tmp_path / "lora"
     code, stdout, err = cli(
-        capsys, "train", "--model", qwen, "--data", data["train"], "--images", data["images"], "--lora",
+        capsys, "train", "--model", model_dir, "--data", data["train"], "--images", data["images"], "--lora",
         "--lora_r", 4, "--merge_lora", "--output", out, "--max_steps", 2, "--per_device_train_batch_size", 3,
         "--learning_rate", 1e-2, "--save_strategy", "no", "--projector_lr", 1e-3,
     )  # fmt: skip
@@ -197,12 +218,18 @@ def test_train_qwen2_vl_lora_end_to_end(capsys, tmp_path, qwen, data):
     code, stdout, _ = cli(capsys, "inspect", out)  # an adapter directory maps through its base's config
     assert code == 0 and "region       'uniform_0.25' (recorded in the config): 2 layers [1,7]" in stdout
     adapter = json.loads((out / "adapter_config.json").read_text())
-    assert adapter["base_model_name_or_path"] == os.path.abspath(qwen)
+    assert adapter["base_model_name_or_path"] == os.path.abspath(model_dir)
     # the adapter directory loads with plain from_pretrained (transformers' peft integration) ...
     loaded = AutoModelForImageTextToText.from_pretrained(out)
-    assert any("lora_A" in n for n, _ in loaded.named_parameters())
-    # ... the merged model too, with the region in its config, and both evaluate to the same predictions
+    lora = {n.split(".lora_A")[0] for n, _ in loaded.named_parameters() if "lora_A" in n}
+    layers = EXPECTED[arch][0]
+    assert lora and all(n.startswith((f"{layers}.1.", f"{layers}.7.")) for n in lora)
+    # ... the merged model too: only the region's linear weights and the projector differ from the base
+    moved, before = _moved(model_dir, out / "merged")
+    region = {n for n in before if n.startswith((f"{layers}.1.", f"{layers}.7.")) and n.endswith("proj.weight")}
+    assert moved == region | {n for n in before if n.startswith(tuple(EXPECTED[arch][1]))}
     assert read_region(str(out / "merged")).layers == [1, 7]
+    # adapter and merged directories evaluate to the same predictions
     predictions = []
     for model in (out, out / "merged"):
         target = tmp_path / f"{model.name}.json"

@@ -41,6 +41,7 @@ examples:
       --output ./runs/qlora --per_device_train_batch_size 4 --learning_rate 2e-4
   torchrun --nproc_per_node 8 -m vr_plugin train --model ... --output ./runs/vr --deepspeed zero2.json
   accelerate launch -m vr_plugin train --model ... --output ./runs/vr
+  (several processes on a machine without GPUs: add --use_cpu true, or the Trainer sees one process per rank)
 """
 EPILOG_EVAL = """Records are LLaVA conversations whose last turn is the reference answer. Multiple-choice questions
 (options "A. ..." in the question, answer a letter or an option) are scored by option; others by normalized
