@@ -339,7 +339,7 @@ def _plots(out: str, config: DemoConfig, scores: dict, pruned: dict, base_run: A
         frameon=False,
     )
     axes.set_xticks(layers)
-    axes.set_xlabel("LLM decoder layer (input side left)")
+    axes.set_xlabel("LLM decoder layer (0 = first, next to the embeddings)")
     axes.set_ylabel(f"{METRIC} distance (importance)")
     axes.set_title("LLM depth of the demo model: visual region, layer scores, pruned layers")
     path = os.path.join(out, "layers.png")
@@ -407,7 +407,7 @@ def _write_report(
         f"Answer-prior baseline (always the most frequent training answer to each question): {_pct(prior)}.",
         "Trainable share: trainable parameters over all parameters of the model (vision tower included). Train "
         "time is wall-clock time (the Trainer's `train_runtime`); train CPU time is this process's CPU time over the "
-        "same run, which other load on the machine does not inflate.",
+        "same run, which depends less on other load on the machine.",
         "",
         "## Accuracy per question",
         "",
