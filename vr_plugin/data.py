@@ -202,20 +202,23 @@ def image_only_processor_class(cls: type) -> type:
 
 
 def load_processor(path: str, **kwargs: Any) -> Any:
-    """``AutoProcessor.from_pretrained(path)``; where that fails only because transformers wants torchvision for a
-    video processor (Qwen2-VL family), the same processor without video support (a warning says so)."""
+    """``AutoProcessor.from_pretrained(path)``; where that fails only for want of a video processor (Qwen2-VL family:
+    transformers wants torchvision for one, or the directory was saved by a processor made without one), the same
+    processor without video support (a warning says so)."""
     import transformers
 
     try:
         return transformers.AutoProcessor.from_pretrained(path, **kwargs)
-    except ImportError as error:
-        if "torchvision" not in str(error).lower():
+    except (ImportError, OSError) as error:
+        text = str(error).lower()
+        if "torchvision" not in text and "video processor" not in text:
             raise
         config, _ = transformers.ProcessorMixin.get_processor_dict(path, **kwargs)
         cls = getattr(transformers, str(config.get("processor_class")), None)
         if cls is None or "video_processor" not in cls.get_attributes():
             raise
-        logger.warning("%s: torchvision is not installed, loading %s without its video processor", path, cls.__name__)
+        why = "torchvision is not installed" if "torchvision" in text else "it has no video processor config"
+        logger.warning("%s: %s, loading %s without its video processor", path, why, cls.__name__)
         return image_only_processor_class(cls).from_pretrained(path, **kwargs)
 
 
@@ -320,7 +323,8 @@ class ConversationDataset(torch.utils.data.Dataset):
     """LLaVA-format records encoded on the fly by ``processor`` (see :func:`encode_conversation`).
 
     ``records`` is a list of records or the path of a LLaVA-format file; image names are relative to
-    ``image_folder``.  Every record is validated, and every image file looked for, up front.
+    ``image_folder``.  Every record is validated, and every image file looked for, up front.  With ``cache`` each
+    sample is kept in memory after it is first encoded (small data sets trained for several epochs).
     """
 
     def __init__(
@@ -329,11 +333,13 @@ class ConversationDataset(torch.utils.data.Dataset):
         image_folder: Optional[str],
         processor: Any,
         max_length: Optional[int] = None,
+        cache: bool = False,
     ):
         self.records = load_conversations(records) if isinstance(records, str) else list(records)
         self.image_folder = image_folder
         self.processor = processor
         self.max_length = max_length
+        self._cache: Optional[dict] = {} if cache else None
         for index, record in enumerate(self.records):
             name = _name(record, index)
             if not any(m["role"] == "assistant" for m in _messages(record, name)):
@@ -348,10 +354,15 @@ class ConversationDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
         record = self.records[index]
         name = _name(record, index)
         images = [_load_image(path, name) for path in _image_paths(record, self.image_folder)]
-        return encode_conversation(self.processor, _messages(record, name), images, self.max_length, name)
+        sample = encode_conversation(self.processor, _messages(record, name), images, self.max_length, name)
+        if self._cache is not None:
+            self._cache[index] = sample
+        return sample
 
 
 # ----------------------------------------------------------------------------------------------------- batches
@@ -365,23 +376,29 @@ def _pad_to(tensor: torch.Tensor, shape: Sequence[int], value: Any) -> torch.Ten
     return out
 
 
-def collate(features: Sequence[dict], pad_token_id: int) -> dict:
+def collate(features: Sequence[dict], pad_token_id: int, padding_side: str = "right") -> dict:
     """Pad samples of :class:`ConversationDataset` (or :func:`encode_conversation`) into one batch.
 
-    Token-level keys are right-padded (``input_ids`` with ``pad_token_id``, ``attention_mask`` and
-    ``mm_token_type_ids`` with 0, ``labels`` with -100) and stacked.  Image-level keys are concatenated along their
+    Token-level keys are padded on ``padding_side`` (``right`` for training, ``left`` for batched generation;
+    ``input_ids`` with ``pad_token_id``, ``attention_mask`` and ``mm_token_type_ids`` with 0, ``labels`` with -100)
+    and stacked.  Image-level keys are concatenated along their
     first (image or patch) dimension, as Llava (``pixel_values``), LLaVA-NeXT (``pixel_values`` with a patch
     dimension, zero-padded to the most patches, and ``image_sizes``) and Qwen2-VL (flattened ``pixel_values`` and
     ``image_grid_thw``) expect; samples without images just contribute none.
     """
     if not features:
         raise ValueError("collate needs at least one sample")
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     length = max(len(f["input_ids"]) for f in features)
     batch = {}
     for key, value in TOKEN_KEYS.items():
         if key in features[0]:
             pad = pad_token_id if value is None else value
-            batch[key] = torch.stack([_pad_to(torch.as_tensor(f[key]), (length,), pad) for f in features])
+            rows = [torch.as_tensor(f[key]) for f in features]
+            if padding_side == "left":
+                rows = [torch.cat([row.new_full((length - len(row),), pad), row]) for row in rows]
+            batch[key] = torch.stack([_pad_to(row, (length,), pad) for row in rows])
     image_keys = [k for k in dict.fromkeys(k for f in features for k in f) if k not in TOKEN_KEYS]
     for key in image_keys:
         parts = [torch.as_tensor(f[key]) for f in features if key in f]

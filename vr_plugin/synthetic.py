@@ -10,6 +10,8 @@ Layout written by :func:`make_vqa_dataset`::
     out_dir/train.json     # [{"id", "image", "conversations": [{"from": "human", ...}, {"from": "gpt", ...}]}]
     out_dir/test.json
     out_dir/calibration.json   # "Please describe this image in detail." over the test images
+    out_dir/captions.json      # the same prompt over the train images, answered with a full caption
+                               # ("two red circles on the left"), for pre-training a base model
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import os
 import random
 from typing import Optional
 
-__all__ = ["COLOURS", "SHAPES", "QUESTIONS", "render", "make_vqa_dataset", "CALIBRATION_PROMPT"]
+__all__ = ["COLOURS", "SHAPES", "QUESTIONS", "render", "caption", "make_vqa_dataset", "CALIBRATION_PROMPT"]
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (50, 80, 220), "yellow": (235, 205, 40)}
 SHAPES = ("circle", "square", "triangle")
@@ -71,6 +73,12 @@ def _answer(scene: dict, kind: str) -> str:
     return COUNT_WORDS[scene["count"]] if kind == "count" else str(scene[kind])
 
 
+def caption(scene: dict) -> str:
+    """Everything a scene shows in a few words: ``"two red circles on the left"``."""
+    plural = "s" if scene["count"] > 1 else ""
+    return f"{COUNT_WORDS[scene['count']]} {scene['colour']} {scene['shape']}{plural} on the {scene['position']}"
+
+
 def make_vqa_dataset(
     out_dir: str,
     n_train: int = 64,
@@ -79,12 +87,13 @@ def make_vqa_dataset(
     image_size: int = 64,
     kinds: Optional[tuple] = None,
 ) -> dict:
-    """Write images and LLaVA-format ``train.json`` / ``test.json`` / ``calibration.json``; return their paths."""
+    """Write images and LLaVA-format ``train.json`` / ``test.json`` / ``calibration.json`` / ``captions.json``;
+    return their paths."""
     rng = random.Random(seed)
     kinds = tuple(kinds or QUESTIONS)
     image_dir = os.path.join(out_dir, "images")
     os.makedirs(image_dir, exist_ok=True)
-    splits: dict = {"train": [], "test": [], "calibration": []}
+    splits: dict = {"train": [], "test": [], "calibration": [], "captions": []}
     for index in range(n_train + n_test):
         scene = _scene(rng)
         name = f"{index:06d}.png"
@@ -101,6 +110,17 @@ def make_vqa_dataset(
                 ],
             }
         )
+        if split == "train":
+            splits["captions"].append(
+                {
+                    "id": f"caption-{index:06d}",
+                    "image": name,
+                    "conversations": [
+                        {"from": "human", "value": f"<image>\n{CALIBRATION_PROMPT}"},
+                        {"from": "gpt", "value": caption(scene)},
+                    ],
+                }
+            )
         if split == "test":
             splits["calibration"].append(
                 {

@@ -1,0 +1,131 @@
+"""The layer map of a model directory, from its config alone: :func:`layer_map` (``vr-plugin inspect``).
+
+The model is built on the meta device (no weights are read or allocated), so a 13B checkpoint maps as fast as a
+tiny one; :func:`vr_plugin.find_decoder_layers` and :func:`vr_plugin.apply_visual_region` (``record=False``) then
+work on it exactly as on the real model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .freeze import RegionPlan
+from .record import PruningRecord, RegionRecord, read_pruning, read_region
+from .spec import describe_indices
+
+__all__ = ["LayerMap", "layer_map", "meta_model", "depth_strip"]
+
+DEFAULT_SPEC = "uniform_0.25"
+
+
+@dataclass
+class LayerMap:
+    """Where a model's LLM layers are, which form the region, and what would train."""
+
+    path: str
+    model_class: str
+    num_layers: int
+    layers_path: str
+    spec_source: str
+    plan: RegionPlan
+    recorded: Optional[RegionRecord]
+    pruning: Optional[PruningRecord]
+
+    def render(self) -> str:
+        """A few lines of text: model, depth, region, depth strip, parameters per group, trainable share."""
+        plan = self.plan
+        lines = [
+            f"model        {self.path} ({self.model_class})",
+            f"LLM depth    {self.num_layers} decoder layers at {self.layers_path}",
+            f"region       {plan.spec!r} ({self.spec_source}): "
+            f"{len(plan.layers)} layers [{describe_indices(plan.layers)}]",
+            f"depth        {depth_strip(self.num_layers, plan.layers)}   (# region, . frozen; layer 0 left)",
+        ]
+        if self.recorded is not None and self.spec_source != "recorded in the config":
+            lines.append(f"recorded     {self.recorded.spec!r}: layers [{describe_indices(self.recorded.layers)}]")
+        if self.pruning is not None:
+            lines.append(
+                f"pruned       layers [{describe_indices(self.pruning.removed)}] of the original "
+                f"{self.pruning.original_num_layers} removed"
+            )
+        lines += ["", plan.table(), "", f"trainable    {100 * plan.trainable_share:.2f}% of all parameters"]
+        return "\n".join(lines)
+
+
+def depth_strip(num_layers: int, region: list, pruned: Optional[list] = None) -> str:
+    """One character per layer: ``#`` region, ``.`` outside, ``x`` pruned."""
+    region, pruned = set(region), set(pruned or [])
+    return "".join("x" if i in pruned else "#" if i in region else "." for i in range(num_layers))
+
+
+def _config_path(path: str) -> str:
+    """The directory whose config describes the model: a peft adapter's base, else ``path`` itself."""
+    adapter = os.path.join(path, "adapter_config.json")
+    if os.path.isfile(adapter) and not os.path.isfile(os.path.join(path, "config.json")):
+        with open(adapter, encoding="utf-8") as handle:
+            return json.load(handle).get("base_model_name_or_path") or path
+    return path
+
+
+def meta_model(config: Any) -> Any:
+    """The model of ``config`` (with its head) on the meta device: structure and shapes, no memory."""
+    import torch
+
+    from .quant import model_class_for
+
+    with torch.device("meta"):
+        return model_class_for(config).from_config(config)
+
+
+def layer_map(
+    path: str, spec: Optional[str] = None, *, tune_vision_tower: bool = False, layers_path: Optional[str] = None
+) -> LayerMap:
+    """The :class:`LayerMap` of a model directory (or hub id) from its config, for ``spec``.
+
+    Without ``spec`` the region recorded in the config is shown (else ``uniform_0.25``). Trainable counts are those
+    of full-parameter region tuning as ``vr-plugin train`` runs it (vision tower frozen unless ``tune_vision_tower``).
+    """
+    import logging
+
+    from transformers import AutoConfig
+
+    from .freeze import apply_visual_region
+    from .locate import find_decoder_layers
+
+    config = AutoConfig.from_pretrained(_config_path(path))
+    recorded = read_region(path) or read_region(config)
+    model = meta_model(config)
+    location = find_decoder_layers(model, layers_path)
+    if spec is not None:
+        source = "--visual_region"
+    elif recorded is not None:
+        spec, source = recorded.spec, "recorded in the config"
+    else:
+        spec, source = DEFAULT_SPEC, "default"
+    if recorded is not None and spec == recorded.spec and recorded.num_layers == len(location.layers):
+        spec_or_layers: Any = recorded.layers  # the recorded indices (e.g. renumbered after pruning)
+    else:
+        spec_or_layers = spec
+    quiet = logging.getLogger("vr_plugin.freeze")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # the plan is rendered here, not logged
+    try:
+        plan = apply_visual_region(
+            model, spec_or_layers, tune_vision_tower=tune_vision_tower, layers_path=layers_path, record=False
+        )
+    finally:
+        quiet.setLevel(level)
+    plan.spec = spec
+    return LayerMap(
+        path=path,
+        model_class=type(model).__name__,
+        num_layers=len(location.layers),
+        layers_path=location.name,
+        spec_source=source,
+        plan=plan,
+        recorded=recorded,
+        pruning=read_pruning(path) or read_pruning(config),
+    )
