@@ -1,0 +1,399 @@
+"""Training cost of the visual region against full tuning and all-layer LoRA: one LVLM, one batch, six modes.
+
+Per mode: median step time (forward + backward + optimizer step, after warm-up), peak memory (each mode in its
+own forked process; ``max_memory_allocated`` on GPU, peak RSS above the bare interpreter on CPU), trainable
+parameters and optimizer-state bytes read from the real optimizer after its steps, and the ratios to full tuning
+and to all-layer LoRA. Prints markdown tables and writes JSON (``--out``).
+
+    python benchmarks/train_step.py                                    # CPU default, a few minutes
+    python benchmarks/train_step.py --device cuda --preset llama3-8b   # real size, GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from typing import Any, Optional
+
+import benchlib
+
+MODES = ("full", "region", "lora_all", "lora_region", "qlora_region", "hybrid")
+QUANTIZED = ("qlora_region", "hybrid")
+
+
+def mode_label(mode: str, spec: str, shape: benchlib.Shape) -> str:
+    return {
+        "full": "full tuning",
+        "region": f"region full-parameter ({spec})",
+        "lora_all": f"LoRA all layers (r={shape.lora_r})",
+        "lora_region": f"LoRA in the region (r={shape.lora_r})",
+        "qlora_region": f"QLoRA in the region (nf4, r={shape.lora_r})",
+        "hybrid": "hybrid (nf4 outside, full inside)",
+    }[mode]
+
+
+def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    benchlib.add_shape_arguments(parser)
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
+    parser.add_argument("--region", default="uniform_0.25", help="the visual region spec")
+    parser.add_argument("--steps", type=int, help="timed steps per mode (default 5; --quick 2)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default 2; --quick 1)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="weights (default: float32 cpu, bf16 cuda)")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="non-reentrant activation checkpointing in every mode (default: off on cpu, on on cuda)",
+    )
+    parser.add_argument(
+        "--hybrid-optim",
+        choices=("adamw8bit", "adamw"),
+        default="adamw8bit",
+        help="optimizer of the hybrid mode (bitsandbytes 8-bit AdamW, as the 24 GB recipe; or torch AdamW)",
+    )
+    parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (the paper's 0.05)")
+    parser.add_argument(
+        "--isolate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="each mode in its own forked process (default: on; off with --quick)",
+    )
+    parser.add_argument("--workdir", help="where the quantized modes' base checkpoint is saved (default: a temp dir)")
+    args = parser.parse_args(argv)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown:
+        parser.error(f"unknown modes {unknown}; choose from {', '.join(MODES)}")
+    cuda = args.device == "cuda"
+    args.steps = args.steps or (2 if args.quick else 5)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    if args.gradient_checkpointing is None:
+        args.gradient_checkpointing = cuda
+    if args.isolate is None:
+        args.isolate = not args.quick
+    return args
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One mode
+
+
+def _enable_checkpointing(model: Any) -> None:
+    from vr_plugin.locate import unwrap_model
+
+    core = unwrap_model(model)
+    enable = getattr(core, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        core.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _load_kwargs(device: str) -> dict:
+    return {"device_map": {"": 0}} if device == "cuda" else {}
+
+
+def build_mode(mode: str, args: argparse.Namespace, shape: benchlib.Shape, model_dir: Optional[str]) -> tuple:
+    """``(model, optimizer)`` for one mode, vision tower frozen everywhere (LLaVA stage 2)."""
+    import torch
+
+    from vr_plugin import apply_region_lora, apply_visual_region, load_for_region, load_quantized, prepare_qlora
+
+    dtype = benchlib.torch_dtype(args.dtype)
+    lora = dict(r=shape.lora_r, lora_alpha=shape.lora_alpha, lora_dropout=args.lora_dropout)
+    region_options = {"tune_vision_tower": False}
+    if mode in QUANTIZED:
+        if model_dir is None:
+            raise RuntimeError("the quantized modes need the saved base checkpoint")
+        if mode == "qlora_region":
+            model = load_quantized(model_dir, "nf4", dtype=dtype, **_load_kwargs(args.device))
+            benchlib.freeze_vision_tower(model)
+            model, _ = prepare_qlora(model, args.region, gradient_checkpointing=False, **lora)
+        else:
+            model, plan = load_for_region(
+                model_dir, args.region, "nf4", dtype=dtype, region_options=region_options, **_load_kwargs(args.device)
+            )
+    else:
+        model = benchlib.build_lvlm(shape, args.device, args.dtype)
+        benchlib.freeze_vision_tower(model)
+        if mode == "region":
+            apply_visual_region(model, args.region, **region_options)
+        elif mode == "lora_all":
+            model, _ = apply_region_lora(model, "all", **lora)
+        elif mode == "lora_region":
+            model, _ = apply_region_lora(model, args.region, **lora)
+    if args.gradient_checkpointing:
+        _enable_checkpointing(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if mode == "hybrid" and args.hybrid_optim == "adamw8bit":
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(params, lr=1e-5)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=1e-5)
+    return model, optimizer
+
+
+def run_mode(
+    mode: str, args: argparse.Namespace, shape: benchlib.Shape, model_dir: Optional[str], what: str = "both"
+) -> dict:
+    """Build the mode, run warm-up and measured steps; times in seconds, memory in bytes.
+
+    ``what``: ``time`` (warm-up + timed steps), ``memory`` (one warm-up, one step under the peak meter, freed
+    tensors returned to the OS at once) or ``both``. On CPU they run in separate processes: returning every
+    freed tensor to the OS makes each allocation a fresh mapping whose page faults would slow the timed steps.
+    """
+    import torch
+
+    if what == "memory" and args.device == "cpu":
+        benchlib.set_malloc_mmap_threshold()
+    memory = benchlib.Memory(args.device)
+    benchlib.collect()
+    base = memory.current()  # the interpreter and libraries (cpu) / nothing allocated (cuda)
+    model, optimizer = build_mode(mode, args, shape, model_dir)
+    batch = benchlib.make_batch(shape, device=args.device)
+    if args.dtype != "float32":
+        batch = benchlib.cast_floats(batch, benchlib.torch_dtype(args.dtype))
+    model.train()
+    benchlib.collect()
+    loaded = memory.current() - base
+    phases: dict = {"forward": [], "backward": [], "optimizer": [], "step": [], "step_cpu": []}
+
+    def step(record: bool) -> float:
+        benchlib.sync(args.device)
+        c0, t0 = benchlib.cpu_now(), benchlib.now()
+        loss = model(**batch).loss
+        benchlib.sync(args.device)
+        t1 = benchlib.now()
+        loss.backward()
+        benchlib.sync(args.device)
+        t2 = benchlib.now()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        benchlib.sync(args.device)
+        t3, c3 = benchlib.now(), benchlib.cpu_now()
+        if record:
+            for key, value in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t3 - t0, c3 - c0)):
+                phases[key].append(value)
+        return float(loss.detach())
+
+    warmup, steps = (1, 1) if what == "memory" else (args.warmup, args.steps)
+    for _ in range(warmup):
+        step(False)
+    benchlib.collect()
+    setup_peak = memory.peak() - base  # building / loading and the warm-up steps
+    memory.reset_peak()
+    resting = memory.current() - base  # weights + optimizer state, between steps
+    for _ in range(steps):
+        loss = step(what != "memory")
+    peak = memory.peak() - base
+
+    trainable = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+    state_bytes = sum(
+        t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
+    )
+    result = {
+        "mode": mode,
+        "trainable": trainable,
+        "total_params": sum(_logical_numel(p) for p in model.parameters()),
+        "optimizer_state_bytes": state_bytes,
+        "optimizer": type(optimizer).__name__,
+        "loss": loss,
+        "loadavg": benchlib.loadavg(),
+    }
+    if what != "memory":
+        result.update(
+            step_s=benchlib.median(phases["step"]),
+            forward_s=benchlib.median(phases["forward"]),
+            backward_s=benchlib.median(phases["backward"]),
+            optimizer_s=benchlib.median(phases["optimizer"]),
+            step_times_s=phases["step"],
+            step_cpu_s=benchlib.median(phases["step_cpu"]),
+        )
+    if what != "time":
+        result.update(
+            peak_bytes=peak,
+            setup_peak_bytes=setup_peak,
+            model_bytes=loaded,
+            resting_bytes=resting,
+            reserved_bytes=memory.peak_reserved(),
+        )
+    return result
+
+
+def _logical_numel(param: Any) -> int:
+    from vr_plugin.locate import numel
+
+    return numel(param)
+
+
+def save_base(shape: benchlib.Shape, args: argparse.Namespace, directory: str) -> str:
+    """The same randomly initialised LVLM, saved for the modes that load it quantized."""
+    model = benchlib.build_lvlm(shape, args.device, args.dtype)
+    model.save_pretrained(directory)
+    return directory
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def summarize(rows: list, args: argparse.Namespace) -> tuple:
+    """Ratios and targets; returns ``(rows, targets)``."""
+    by_mode = {row["mode"]: row for row in rows if row.get("ok")}
+    full = by_mode.get("full")
+    lora_all = by_mode.get("lora_all")
+    for row in rows:
+        if not row.get("ok"):
+            continue
+        row["peak_mib"] = row["peak_bytes"] / benchlib.MIB
+        row["reserved_mib"] = row["reserved_bytes"] / benchlib.MIB if row.get("reserved_bytes") else None
+        row["optimizer_state_mib"] = row["optimizer_state_bytes"] / benchlib.MIB
+        if full:
+            row["time_vs_full"] = row["step_s"] / full["step_s"]
+            row["cpu_vs_full"] = row["step_cpu_s"] / full["step_cpu_s"]
+            row["memory_vs_full"] = row["peak_bytes"] / full["peak_bytes"]
+            row["trainable_vs_full"] = row["trainable"] / full["trainable"]
+            row["state_vs_full"] = row["optimizer_state_bytes"] / full["optimizer_state_bytes"]
+        if lora_all:
+            row["time_vs_lora_all"] = row["step_s"] / lora_all["step_s"]
+            row["cpu_vs_lora_all"] = row["step_cpu_s"] / lora_all["step_cpu_s"]
+            row["memory_vs_lora_all"] = row["peak_bytes"] / lora_all["peak_bytes"]
+    targets = []
+    region = by_mode.get("region")
+    if full and region:
+        targets.append(benchlib.target("region full-parameter step time / full tuning", region["time_vs_full"], 0.80))
+        share = region["trainable_vs_full"]
+        targets.append(
+            {
+                "target": "region optimizer state / full ≈ region's share of trainable parameters",
+                "measured": region["state_vs_full"],
+                "limit": f"≈ {share:.3f}",
+                "met": abs(region["state_vs_full"] - share) <= 0.02,
+            }
+        )
+    if lora_all and "lora_region" in by_mode:
+        targets.append(
+            benchlib.target("LoRA region step time / all-layer LoRA", by_mode["lora_region"]["time_vs_lora_all"], 0.85)
+        )
+    if args.device == "cuda" and "hybrid" in by_mode:  # GB = 1e9 bytes, as cards are sold
+        hybrid_gb = by_mode["hybrid"]["peak_bytes"] / 1e9
+        targets.append(benchlib.target("hybrid peak memory, GB (fits one 24 GB card)", hybrid_gb, 22))
+    if args.device == "cuda" and region:
+        region_gb = region["peak_bytes"] / 1e9
+        targets.append(benchlib.target("region full-parameter peak memory, GB (fits one 80 GB card)", region_gb, 80))
+    return rows, targets
+
+
+COLUMNS = [
+    ("label", "mode"),
+    ("step_s", "step s"),
+    ("time_vs_full", "time / full"),
+    ("time_vs_lora_all", "time / LoRA-all"),
+    ("step_cpu_s", "step CPU s"),
+    ("cpu_vs_full", "CPU / full"),
+    ("cpu_vs_lora_all", "CPU / LoRA-all"),
+    ("forward_s", "fwd s"),
+    ("backward_s", "bwd s"),
+    ("optimizer_s", "opt s"),
+    ("peak_mib", "peak MiB"),
+    ("reserved_mib", "reserved MiB"),
+    ("memory_vs_full", "mem / full"),
+    ("memory_vs_lora_all", "mem / LoRA-all"),
+    ("trainable", "trainable params"),
+    ("trainable_vs_full", "trainable / full"),
+    ("optimizer_state_mib", "opt state MiB"),
+    ("state_vs_full", "state / full"),
+]
+
+
+def render(rows: list, targets: list, args: argparse.Namespace, shape: benchlib.Shape) -> str:
+    if args.device == "cpu":
+        columns = [c for c in COLUMNS if c[0] != "reserved_mib"]
+    else:
+        columns = [c for c in COLUMNS if "cpu" not in c[0]]
+    memory = "torch.cuda.max_memory_allocated" if args.device == "cuda" else "peak RSS above the bare interpreter"
+    lines = [
+        f"Shape: {shape.describe()}; dtype {args.dtype}; gradient checkpointing "
+        f"{'on' if args.gradient_checkpointing else 'off'}; region {args.region}; AdamW (hybrid: "
+        f"{args.hybrid_optim}); {args.warmup} warm-up + {args.steps} timed steps, median; peak memory = {memory}"
+        f"{', each mode in its own process' if args.isolate else ', all modes in one process'}.",
+        "",
+        benchlib.markdown_table([r for r in rows if r.get("ok")], columns),
+    ]
+    failed = [r for r in rows if not r.get("ok")]
+    if failed:
+        lines += ["", "Not measured: " + "; ".join(f"{r['label']}: {r['error']}" for r in failed)]
+    if targets:
+        lines += ["", "Targets:", "", benchlib.target_rows(targets)]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list] = None) -> dict:
+    args = parse_args(argv)
+    shape = benchlib.resolve_shape(args)
+    benchlib.setup_process(args)
+    if any(m in QUANTIZED for m in args.modes):
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as error:  # pragma: no cover - depends on the install
+            print(f"bitsandbytes unavailable ({error}); skipping {', '.join(QUANTIZED)}", file=sys.stderr)
+            args.modes = [m for m in args.modes if m not in QUANTIZED]
+    info = benchlib.machine(args.device)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="vr_bench_", dir=args.workdir) as tmp:
+        model_dir = None
+        if any(m in QUANTIZED for m in args.modes):
+            model_dir = os.path.join(tmp, "base")
+            saved = benchlib.run_isolated(args.isolate, save_base, shape, args, model_dir)
+            if not saved["ok"]:
+                raise SystemExit(f"could not save the base model: {saved['error']}\n{saved.get('traceback', '')}")
+        # CPU: time and memory in separate processes (see run_mode); GPU and in-process runs: both at once
+        split = args.isolate and args.device == "cpu"
+        for mode in args.modes:
+            row = {"mode": mode, "label": mode_label(mode, args.region, shape), "ok": True}
+            for what in ("time", "memory") if split else ("both",):
+                print(f"[train_step] {mode}: {what} ...", file=sys.stderr, flush=True)
+                outcome = benchlib.run_isolated(args.isolate, run_mode, mode, args, shape, model_dir, what)
+                if outcome["ok"]:
+                    row.update(outcome["result"])
+                else:
+                    row.update(ok=False, error=outcome["error"])
+                    print(outcome.get("traceback", outcome["error"]), file=sys.stderr)
+                    break
+            rows.append(row)
+            benchlib.collect()
+    rows, targets = summarize(rows, args)
+    report = {
+        "benchmark": "train_step",
+        "machine": info,
+        "shape": vars(shape) | {"image_tokens": shape.image_tokens},
+        "settings": {
+            k: getattr(args, k)
+            for k in (
+                "device",
+                "dtype",
+                "region",
+                "steps",
+                "warmup",
+                "gradient_checkpointing",
+                "hybrid_optim",
+                "lora_dropout",
+                "isolate",
+            )
+        },
+        "rows": rows,
+        "targets": targets,
+    }
+    benchlib.finish(report, render(rows, targets, args, shape), args.out)
+    return report
+
+
+if __name__ == "__main__":
+    main()
