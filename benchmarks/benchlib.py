@@ -428,7 +428,7 @@ def collect() -> None:
     try:
         import torch
 
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if torch.cuda.is_initialized():  # never initialise CUDA here: the parent forks CUDA children
             torch.cuda.empty_cache()
     except Exception:  # pragma: no cover - best effort
         pass
@@ -468,10 +468,26 @@ def machine(device: str) -> dict:
         except Exception:
             info[name] = None
     if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        info["gpu"] = props.name
-        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info.update(_gpu())
     return info
+
+
+def _gpu() -> dict:
+    """GPU name and memory from ``nvidia-smi``: asking torch would initialise CUDA in the parent, and CUDA does not
+    survive the fork that starts each measurement."""
+    import subprocess
+
+    try:
+        line = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.splitlines()[0]
+        name, total, driver = (part.strip() for part in line.split(","))
+        return {"gpu": name, "gpu_memory_gib": round(float(total) / 1024, 1), "gpu_driver": driver}
+    except (OSError, IndexError, ValueError, subprocess.SubprocessError):
+        return {"gpu": "unknown (no nvidia-smi)", "gpu_memory_gib": None}
 
 
 def _cpu_model() -> str:

@@ -129,7 +129,8 @@ def main(argv: Optional[list] = None) -> dict:
         raise SystemExit(f"timing failed: {timed['error']}\n{timed.get('traceback', '')}")
     times = timed["result"]["times"]
 
-    hidden_mib = shape.batch * shape.seq * shape.hidden * 4 / benchlib.MIB  # one fp32 hidden state
+    itemsize = 4 if args.dtype == "float32" else 2
+    hidden_mib = shape.batch * shape.seq * shape.hidden * itemsize / benchlib.MIB  # one hidden state
     forward_s, score_s = benchlib.median(times["forward"]), benchlib.median(times["score"])
     forward_cpu, score_cpu = benchlib.median(times["forward_cpu"]), benchlib.median(times["score_cpu"])
     time_rows = [

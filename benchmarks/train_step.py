@@ -128,6 +128,12 @@ def build_mode(mode: str, args: argparse.Namespace, shape: benchlib.Shape, model
             model, _ = apply_region_lora(model, "all", **lora)
         elif mode == "lora_region":
             model, _ = apply_region_lora(model, args.region, **lora)
+    if mode in ("lora_all", "lora_region") and dtype != torch.float32:
+        # peft keeps adapters in fp32 over a bf16 base (autocast_adapter_dtype); a bf16 run, as DeepSpeed bf16
+        # trains them in the paper's recipe, keeps them in the model's dtype
+        for param in model.parameters():
+            if param.requires_grad and param.dtype != dtype:
+                param.data = param.data.to(dtype)
     if args.gradient_checkpointing:
         _enable_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
