@@ -43,6 +43,13 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     parser.add_argument("--region", default="uniform_0.25", help="the visual region spec")
     parser.add_argument("--steps", type=int, help="timed steps per mode (default 5; --quick 2)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 2; --quick 1)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="timing processes per mode, run round-robin over the modes; medians pool every round's steps "
+        "(more rounds: drifting machine load hits every mode alike)",
+    )
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="weights (default: float32 cpu, bf16 cuda)")
     parser.add_argument(
         "--gradient-checkpointing",
@@ -214,14 +221,7 @@ def run_mode(
         "loadavg": benchlib.loadavg(),
     }
     if what != "memory":
-        result.update(
-            step_s=benchlib.median(phases["step"]),
-            forward_s=benchlib.median(phases["forward"]),
-            backward_s=benchlib.median(phases["backward"]),
-            optimizer_s=benchlib.median(phases["optimizer"]),
-            step_times_s=phases["step"],
-            step_cpu_s=benchlib.median(phases["step_cpu"]),
-        )
+        result["samples_s"] = phases  # medians are taken by the parent, over every round
     if what != "time":
         result.update(
             peak_bytes=peak,
@@ -325,11 +325,13 @@ def render(rows: list, targets: list, args: argparse.Namespace, shape: benchlib.
     else:
         columns = [c for c in COLUMNS if "cpu" not in c[0]]
     memory = "torch.cuda.max_memory_allocated" if args.device == "cuda" else "peak RSS above the bare interpreter"
+    rounds = f" x {args.rounds} rounds (round-robin over the modes)" if args.rounds > 1 else ""
+    where = ", each mode in its own process" if args.isolate else ", all modes in one process"
     lines = [
         f"Shape: {shape.describe()}; dtype {args.dtype}; gradient checkpointing "
         f"{'on' if args.gradient_checkpointing else 'off'}; region {args.region}; AdamW (hybrid: "
-        f"{args.hybrid_optim}); {args.warmup} warm-up + {args.steps} timed steps, median; peak memory = {memory}"
-        f"{', each mode in its own process' if args.isolate else ', all modes in one process'}.",
+        f"{args.hybrid_optim}); {args.warmup} warm-up + {args.steps} timed steps{rounds}, median; "
+        f"peak memory = {memory}{where}.",
         "",
         benchlib.markdown_table([r for r in rows if r.get("ok")], columns),
     ]
@@ -352,7 +354,6 @@ def main(argv: Optional[list] = None) -> dict:
             print(f"bitsandbytes unavailable ({error}); skipping {', '.join(QUANTIZED)}", file=sys.stderr)
             args.modes = [m for m in args.modes if m not in QUANTIZED]
     info = benchlib.machine(args.device)
-    rows = []
     with tempfile.TemporaryDirectory(prefix="vr_bench_", dir=args.workdir) as tmp:
         model_dir = None
         if any(m in QUANTIZED for m in args.modes):
@@ -362,19 +363,31 @@ def main(argv: Optional[list] = None) -> dict:
                 raise SystemExit(f"could not save the base model: {saved['error']}\n{saved.get('traceback', '')}")
         # CPU: time and memory in separate processes (see run_mode); GPU and in-process runs: both at once
         split = args.isolate and args.device == "cpu"
-        for mode in args.modes:
-            row = {"mode": mode, "label": mode_label(mode, args.region, shape), "ok": True}
-            for what in ("time", "memory") if split else ("both",):
-                print(f"[train_step] {mode}: {what} ...", file=sys.stderr, flush=True)
+        rows = {
+            m: {"mode": m, "label": mode_label(m, args.region, shape), "ok": True, "samples_s": {}} for m in args.modes
+        }
+        passes = [("time" if split else "both", r) for r in range(args.rounds)] + ([("memory", 0)] if split else [])
+        for what, round_index in passes:
+            for mode in args.modes:
+                row = rows[mode]
+                if not row["ok"]:
+                    continue
+                print(f"[train_step] {mode}: {what} (round {round_index + 1}) ...", file=sys.stderr, flush=True)
                 outcome = benchlib.run_isolated(args.isolate, run_mode, mode, args, shape, model_dir, what)
-                if outcome["ok"]:
-                    row.update(outcome["result"])
-                else:
+                if not outcome["ok"]:
                     row.update(ok=False, error=outcome["error"])
                     print(outcome.get("traceback", outcome["error"]), file=sys.stderr)
-                    break
-            rows.append(row)
-            benchlib.collect()
+                    continue
+                result = outcome["result"]
+                for key, values in result.pop("samples_s", {}).items():
+                    row["samples_s"].setdefault(key, []).extend(values)
+                row.update(result)
+                benchlib.collect()
+        rows = list(rows.values())
+        for row in rows:
+            samples = row["samples_s"]
+            if row["ok"] and samples:
+                row.update({f"{key}_s": benchlib.median(values) for key, values in samples.items()})
     rows, targets = summarize(rows, args)
     report = {
         "benchmark": "train_step",
@@ -388,6 +401,7 @@ def main(argv: Optional[list] = None) -> dict:
                 "region",
                 "steps",
                 "warmup",
+                "rounds",
                 "gradient_checkpointing",
                 "hybrid_optim",
                 "lora_dropout",
