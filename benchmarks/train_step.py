@@ -47,8 +47,7 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=1,
-        help="timing processes per mode, run round-robin over the modes; medians pool every round's steps "
-        "(more rounds: drifting machine load hits every mode alike)",
+        help="timing passes (each in fresh processes); medians pool the steps of every pass",
     )
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="weights (default: float32 cpu, bf16 cuda)")
     parser.add_argument(
@@ -70,6 +69,14 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
         default=None,
         help="each mode in its own forked process (default: on; off with --quick)",
     )
+    parser.add_argument(
+        "--interleave",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time every mode in one process, steps round-robin, and measure peak memory separately, each mode "
+        "in its own process (default: on on cpu; off on cuda, where each mode runs alone and is timed under the "
+        "peak meter)",
+    )
     parser.add_argument("--workdir", help="where the quantized modes' base checkpoint is saved (default: a temp dir)")
     args = parser.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -84,6 +91,8 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
         args.gradient_checkpointing = cuda
     if args.isolate is None:
         args.isolate = not args.quick
+    if args.interleave is None:
+        args.interleave = not cuda
     return args
 
 
@@ -153,83 +162,121 @@ def build_mode(mode: str, args: argparse.Namespace, shape: benchlib.Shape, model
     return model, optimizer
 
 
+PHASES = ("forward", "backward", "optimizer", "step", "step_cpu")
+
+
+class ModeRun:
+    """One mode, built and ready to step: model, optimizer, batch."""
+
+    def __init__(self, mode: str, args: argparse.Namespace, shape: benchlib.Shape, model_dir: Optional[str]):
+        self.mode, self.args = mode, args
+        self.model, self.optimizer = build_mode(mode, args, shape, model_dir)
+        batch = benchlib.make_batch(shape, device=args.device)
+        if args.dtype != "float32":
+            batch = benchlib.cast_floats(batch, benchlib.torch_dtype(args.dtype))
+        self.batch = batch
+        self.model.train()
+        self.samples: dict = {key: [] for key in PHASES}
+        self.loss = float("nan")
+
+    def step(self, record: bool = True) -> None:
+        """Forward + backward + optimizer step; phase times (wall) and the step's process CPU time."""
+        device = self.args.device
+        benchlib.sync(device)
+        c0, t0 = benchlib.cpu_now(), benchlib.now()
+        loss = self.model(**self.batch).loss
+        benchlib.sync(device)
+        t1 = benchlib.now()
+        loss.backward()
+        benchlib.sync(device)
+        t2 = benchlib.now()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        benchlib.sync(device)
+        t3, c3 = benchlib.now(), benchlib.cpu_now()
+        if record:
+            for key, value in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t3 - t0, c3 - c0)):
+                self.samples[key].append(value)
+        self.loss = float(loss.detach())
+
+    def summary(self) -> dict:
+        """Trainable parameters and optimizer-state bytes, read from the optimizer after its steps."""
+        import torch
+
+        optimizer = self.optimizer
+        return {
+            "mode": self.mode,
+            "trainable": sum(p.numel() for group in optimizer.param_groups for p in group["params"]),
+            "total_params": sum(_logical_numel(p) for p in self.model.parameters()),
+            "optimizer_state_bytes": sum(
+                t.numel() * t.element_size()
+                for state in optimizer.state.values()
+                for t in state.values()
+                if torch.is_tensor(t)
+            ),
+            "optimizer": type(optimizer).__name__,
+            "loss": self.loss,
+        }
+
+
+def time_modes(modes: list, args: argparse.Namespace, shape: benchlib.Shape, model_dir: Optional[str]) -> dict:
+    """Build every mode in this process, warm each up, then time their steps round-robin (step 1 of every mode,
+    step 2 of every mode, ...), so that load from other processes falls on all modes alike. ``{mode: result}``."""
+    runs, results = {}, {}
+    for mode in modes:
+        built = benchlib.run_isolated(False, ModeRun, mode, args, shape, model_dir)
+        if built["ok"]:
+            runs[mode] = built["result"]
+        else:
+            results[mode] = {"error": built["error"], "traceback": built.get("traceback", "")}
+    for _ in range(args.warmup):
+        for run in runs.values():
+            run.step(record=False)
+    for _ in range(args.steps):
+        for run in runs.values():
+            run.step()
+    for mode, run in runs.items():
+        results[mode] = {**run.summary(), "samples_s": run.samples, "loadavg": benchlib.loadavg()}
+    return results
+
+
 def run_mode(
     mode: str, args: argparse.Namespace, shape: benchlib.Shape, model_dir: Optional[str], what: str = "both"
 ) -> dict:
-    """Build the mode, run warm-up and measured steps; times in seconds, memory in bytes.
+    """One mode alone: ``memory`` (one warm-up step, then one step under the peak meter) or ``both`` (warm-up,
+    timed steps under the peak meter). Bytes and seconds.
 
-    ``what``: ``time`` (warm-up + timed steps), ``memory`` (one warm-up, one step under the peak meter, freed
-    tensors returned to the OS at once) or ``both``. On CPU they run in separate processes: returning every
-    freed tensor to the OS makes each allocation a fresh mapping whose page faults would slow the timed steps.
+    On CPU the memory run returns every freed tensor to the OS at once (so the peak RSS tracks live memory), which
+    makes each allocation a fresh mapping whose page faults would slow a timed step: timing runs elsewhere.
     """
-    import torch
-
     if what == "memory" and args.device == "cpu":
         benchlib.set_malloc_mmap_threshold()
     memory = benchlib.Memory(args.device)
     benchlib.collect()
     base = memory.current()  # the interpreter and libraries (cpu) / nothing allocated (cuda)
-    model, optimizer = build_mode(mode, args, shape, model_dir)
-    batch = benchlib.make_batch(shape, device=args.device)
-    if args.dtype != "float32":
-        batch = benchlib.cast_floats(batch, benchlib.torch_dtype(args.dtype))
-    model.train()
+    run = ModeRun(mode, args, shape, model_dir)
     benchlib.collect()
     loaded = memory.current() - base
-    phases: dict = {"forward": [], "backward": [], "optimizer": [], "step": [], "step_cpu": []}
-
-    def step(record: bool) -> float:
-        benchlib.sync(args.device)
-        c0, t0 = benchlib.cpu_now(), benchlib.now()
-        loss = model(**batch).loss
-        benchlib.sync(args.device)
-        t1 = benchlib.now()
-        loss.backward()
-        benchlib.sync(args.device)
-        t2 = benchlib.now()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        benchlib.sync(args.device)
-        t3, c3 = benchlib.now(), benchlib.cpu_now()
-        if record:
-            for key, value in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t3 - t0, c3 - c0)):
-                phases[key].append(value)
-        return float(loss.detach())
-
     warmup, steps = (1, 1) if what == "memory" else (args.warmup, args.steps)
     for _ in range(warmup):
-        step(False)
+        run.step(record=False)
     benchlib.collect()
     setup_peak = memory.peak() - base  # building / loading and the warm-up steps
     memory.reset_peak()
     resting = memory.current() - base  # weights + optimizer state, between steps
     for _ in range(steps):
-        loss = step(what != "memory")
-    peak = memory.peak() - base
-
-    trainable = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
-    state_bytes = sum(
-        t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
-    )
+        run.step(record=what != "memory")
     result = {
-        "mode": mode,
-        "trainable": trainable,
-        "total_params": sum(_logical_numel(p) for p in model.parameters()),
-        "optimizer_state_bytes": state_bytes,
-        "optimizer": type(optimizer).__name__,
-        "loss": loss,
+        **run.summary(),
+        "peak_bytes": memory.peak() - base,
+        "setup_peak_bytes": setup_peak,
+        "model_bytes": loaded,
+        "resting_bytes": resting,
+        "reserved_bytes": memory.peak_reserved(),
         "loadavg": benchlib.loadavg(),
     }
     if what != "memory":
-        result["samples_s"] = phases  # medians are taken by the parent, over every round
-    if what != "time":
-        result.update(
-            peak_bytes=peak,
-            setup_peak_bytes=setup_peak,
-            model_bytes=loaded,
-            resting_bytes=resting,
-            reserved_bytes=memory.peak_reserved(),
-        )
+        result["samples_s"] = run.samples
     return result
 
 
@@ -325,12 +372,13 @@ def render(rows: list, targets: list, args: argparse.Namespace, shape: benchlib.
     else:
         columns = [c for c in COLUMNS if "cpu" not in c[0]]
     memory = "torch.cuda.max_memory_allocated" if args.device == "cuda" else "peak RSS above the bare interpreter"
-    rounds = f" x {args.rounds} rounds (round-robin over the modes)" if args.rounds > 1 else ""
+    rounds = f" x {args.rounds} rounds" if args.rounds > 1 else ""
+    timing = ", the modes' steps interleaved round-robin in one process" if args.interleave else ""
     where = ", each mode in its own process" if args.isolate else ", all modes in one process"
     lines = [
         f"Shape: {shape.describe()}; dtype {args.dtype}; gradient checkpointing "
         f"{'on' if args.gradient_checkpointing else 'off'}; region {args.region}; AdamW (hybrid: "
-        f"{args.hybrid_optim}); {args.warmup} warm-up + {args.steps} timed steps{rounds}, median; "
+        f"{args.hybrid_optim}); {args.warmup} warm-up + {args.steps} timed steps{rounds}{timing}, median; "
         f"peak memory = {memory}{where}.",
         "",
         benchlib.markdown_table([r for r in rows if r.get("ok")], columns),
@@ -361,28 +409,41 @@ def main(argv: Optional[list] = None) -> dict:
             saved = benchlib.run_isolated(args.isolate, save_base, shape, args, model_dir)
             if not saved["ok"]:
                 raise SystemExit(f"could not save the base model: {saved['error']}\n{saved.get('traceback', '')}")
-        # CPU: time and memory in separate processes (see run_mode); GPU and in-process runs: both at once
-        split = args.isolate and args.device == "cpu"
         rows = {
             m: {"mode": m, "label": mode_label(m, args.region, shape), "ok": True, "samples_s": {}} for m in args.modes
         }
-        passes = [("time" if split else "both", r) for r in range(args.rounds)] + ([("memory", 0)] if split else [])
-        for what, round_index in passes:
+
+        def merge(mode: str, outcome: dict) -> None:
+            row = rows[mode]
+            if not outcome["ok"] or "error" in outcome.get("result", {}):
+                error = outcome.get("error") or outcome["result"]["error"]
+                row.update(ok=False, error=error)
+                print(outcome.get("traceback") or outcome.get("result", {}).get("traceback") or error, file=sys.stderr)
+                return
+            result = dict(outcome["result"])
+            for key, values in result.pop("samples_s", {}).items():
+                row["samples_s"].setdefault(key, []).extend(values)
+            row.update(result)
+
+        for round_index in range(args.rounds):
+            if args.interleave:  # every mode in one process, steps round-robin
+                print(f"[train_step] timing, round {round_index + 1} ...", file=sys.stderr, flush=True)
+                outcome = benchlib.run_isolated(args.isolate, time_modes, args.modes, args, shape, model_dir)
+                for mode in args.modes:
+                    if outcome["ok"]:
+                        merge(mode, {"ok": True, "result": outcome["result"][mode]})
+                    else:
+                        merge(mode, outcome)
+            else:  # each mode alone (GPU: one model at a time), timed under the peak meter
+                for mode in args.modes:
+                    if rows[mode]["ok"]:
+                        print(f"[train_step] {mode}, round {round_index + 1} ...", file=sys.stderr, flush=True)
+                        merge(mode, benchlib.run_isolated(args.isolate, run_mode, mode, args, shape, model_dir))
+        if args.interleave:  # peak memory: each mode alone, in its own process
             for mode in args.modes:
-                row = rows[mode]
-                if not row["ok"]:
-                    continue
-                print(f"[train_step] {mode}: {what} (round {round_index + 1}) ...", file=sys.stderr, flush=True)
-                outcome = benchlib.run_isolated(args.isolate, run_mode, mode, args, shape, model_dir, what)
-                if not outcome["ok"]:
-                    row.update(ok=False, error=outcome["error"])
-                    print(outcome.get("traceback", outcome["error"]), file=sys.stderr)
-                    continue
-                result = outcome["result"]
-                for key, values in result.pop("samples_s", {}).items():
-                    row["samples_s"].setdefault(key, []).extend(values)
-                row.update(result)
-                benchlib.collect()
+                if rows[mode]["ok"]:
+                    print(f"[train_step] {mode}: peak memory ...", file=sys.stderr, flush=True)
+                    merge(mode, benchlib.run_isolated(args.isolate, run_mode, mode, args, shape, model_dir, "memory"))
         rows = list(rows.values())
         for row in rows:
             samples = row["samples_s"]
@@ -406,6 +467,7 @@ def main(argv: Optional[list] = None) -> dict:
                 "hybrid_optim",
                 "lora_dropout",
                 "isolate",
+                "interleave",
             )
         },
         "rows": rows,

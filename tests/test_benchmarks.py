@@ -105,7 +105,8 @@ def test_cuda_presets_parse_without_a_gpu():
     assert (shape.kv_heads, shape.vocab, shape.seq, shape.batch, shape.lora_r) == (8, 128256, 2048, 1, 128)
     assert shape.image_tokens == 576
     assert args.dtype == "bfloat16" and args.gradient_checkpointing and args.hybrid_optim == "adamw8bit"
-    assert args.isolate and args.modes == list(train_step.MODES)
+    assert args.isolate and not args.interleave and args.modes == list(train_step.MODES)
+    assert train_step.parse_args([]).interleave  # cpu: modes timed round-robin in one process
 
     args = train_step.parse_args(["--device", "cuda", "--preset", "vicuna-7b", "--layers", "16", "--modes", "full"])
     shape = benchlib.resolve_shape(args)
