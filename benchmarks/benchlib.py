@@ -367,6 +367,13 @@ def _child(sender: Any, fn: Callable, args: tuple, kwargs: dict) -> None:
     sender.close()
 
 
+def ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
+    """``numerator / denominator``, or ``None`` when either is missing or the denominator is 0."""
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         import torch
@@ -462,10 +469,12 @@ def machine(device: str) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
-    for name in ("peft", "bitsandbytes"):
+    from importlib import metadata
+
+    for name in ("peft", "bitsandbytes"):  # versions without importing them (bitsandbytes pulls in torch._dynamo)
         try:
-            info[name] = __import__(name).__version__
-        except Exception:
+            info[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
             info[name] = None
     if device == "cuda":
         info.update(_gpu())

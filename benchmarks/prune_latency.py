@@ -132,31 +132,32 @@ def run(args: argparse.Namespace, shape: benchlib.Shape) -> dict:
 
 def summarize(result: dict, shape: benchlib.Shape) -> tuple:
     depth = shape.layers
+    ratio = benchlib.ratio
     base = None
     rows = []
     for k, sample in result["samples"].items():
-        prefill = benchlib.median(sample["prefill"])
+        # a per-token time <= 0 (noise swamping a very short decode) gives no ratio rather than a negative one
         decode = benchlib.median(sample["decode"])
+        decode_cpu = benchlib.median(sample["decode_cpu"])
         row = {
             "k": int(k),
             "layers": depth - int(k),
             "removed": result["removed"][k],
-            "prefill_ms": 1000 * prefill,
-            "decode_tokens_per_s": 1.0 / decode,
+            "ideal": depth / (depth - int(k)),
+            "prefill_ms": 1000 * benchlib.median(sample["prefill"]),
+            "decode_tokens_per_s": 1.0 / decode if decode > 0 else None,
+            "prefill_cpu_ms": 1000 * benchlib.median(sample["prefill_cpu"]),
+            "decode_cpu_ms": 1000 * decode_cpu if decode_cpu > 0 else None,
             "prefill_samples_s": sample["prefill"],
             "decode_samples_s": sample["decode"],
-            "ideal": depth / (depth - int(k)),
         }
-        if base is None:
-            base = row
-        row["prefill_speedup"] = base["prefill_ms"] / row["prefill_ms"]
-        row["decode_speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-        row["prefill_vs_ideal"] = row["prefill_speedup"] / row["ideal"]
-        row["decode_vs_ideal"] = row["decode_speedup"] / row["ideal"]
-        row["decode_cpu_ms"] = 1000 * benchlib.median(sample["decode_cpu"])
-        row["decode_cpu_vs_ideal"] = base["decode_cpu_ms"] / row["decode_cpu_ms"] / row["ideal"]
-        row["prefill_cpu_ms"] = 1000 * benchlib.median(sample["prefill_cpu"])
-        row["prefill_cpu_vs_ideal"] = base["prefill_cpu_ms"] / row["prefill_cpu_ms"] / row["ideal"]
+        base = base or row
+        row["prefill_speedup"] = ratio(base["prefill_ms"], row["prefill_ms"])
+        row["decode_speedup"] = ratio(row["decode_tokens_per_s"], base["decode_tokens_per_s"])
+        row["prefill_vs_ideal"] = ratio(row["prefill_speedup"], row["ideal"])
+        row["decode_vs_ideal"] = ratio(row["decode_speedup"], row["ideal"])
+        row["prefill_cpu_vs_ideal"] = ratio(ratio(base["prefill_cpu_ms"], row["prefill_cpu_ms"]), row["ideal"])
+        row["decode_cpu_vs_ideal"] = ratio(ratio(base["decode_cpu_ms"], row["decode_cpu_ms"]), row["ideal"])
         rows.append(row)
     targets = [
         benchlib.target(f"decode speedup / ideal, k={row['k']}", row["decode_vs_ideal"], 0.95, higher_is_better=True)

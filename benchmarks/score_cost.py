@@ -138,9 +138,9 @@ def main(argv: Optional[list] = None) -> dict:
         {
             "what": f"score_layers ({args.metric})",
             "seconds": score_s,
-            "ratio": score_s / forward_s,
+            "ratio": benchlib.ratio(score_s, forward_s),
             "cpu_s": score_cpu,
-            "cpu_ratio": score_cpu / forward_cpu,
+            "cpu_ratio": benchlib.ratio(score_cpu, forward_cpu),
         },
     ]
     time_columns = [("what", "pass"), ("seconds", "seconds"), ("ratio", "/ forward")]
@@ -158,7 +158,7 @@ def main(argv: Optional[list] = None) -> dict:
         memory_rows.append(row)
     score_row = memory_rows[0]
     targets = [
-        benchlib.target("score_layers time / plain forward", score_s / forward_s, 1.15),
+        benchlib.target("score_layers time / plain forward", benchlib.ratio(score_s, forward_s), 1.15),
         benchlib.target(
             f"score_layers peak growth from {depths[0]} to {depths[1]} layers, in hidden states "
             f"({hidden_mib:.2g} MiB each)",

@@ -308,16 +308,15 @@ def summarize(rows: list, args: argparse.Namespace) -> tuple:
         row["peak_mib"] = row["peak_bytes"] / benchlib.MIB
         row["reserved_mib"] = row["reserved_bytes"] / benchlib.MIB if row.get("reserved_bytes") else None
         row["optimizer_state_mib"] = row["optimizer_state_bytes"] / benchlib.MIB
+        for ref_name, ref in (("full", full), ("lora_all", lora_all)):
+            if ref is None:
+                continue
+            row[f"time_vs_{ref_name}"] = benchlib.ratio(row.get("step_s"), ref.get("step_s"))
+            row[f"cpu_vs_{ref_name}"] = benchlib.ratio(row.get("step_cpu_s"), ref.get("step_cpu_s"))
+            row[f"memory_vs_{ref_name}"] = benchlib.ratio(row["peak_bytes"], ref["peak_bytes"])
         if full:
-            row["time_vs_full"] = row["step_s"] / full["step_s"]
-            row["cpu_vs_full"] = row["step_cpu_s"] / full["step_cpu_s"]
-            row["memory_vs_full"] = row["peak_bytes"] / full["peak_bytes"]
-            row["trainable_vs_full"] = row["trainable"] / full["trainable"]
-            row["state_vs_full"] = row["optimizer_state_bytes"] / full["optimizer_state_bytes"]
-        if lora_all:
-            row["time_vs_lora_all"] = row["step_s"] / lora_all["step_s"]
-            row["cpu_vs_lora_all"] = row["step_cpu_s"] / lora_all["step_cpu_s"]
-            row["memory_vs_lora_all"] = row["peak_bytes"] / lora_all["peak_bytes"]
+            row["trainable_vs_full"] = benchlib.ratio(row["trainable"], full["trainable"])
+            row["state_vs_full"] = benchlib.ratio(row["optimizer_state_bytes"], full["optimizer_state_bytes"])
     targets = []
     region = by_mode.get("region")
     if full and region:
@@ -328,7 +327,7 @@ def summarize(rows: list, args: argparse.Namespace) -> tuple:
                 "target": "region optimizer state / full ≈ region's share of trainable parameters",
                 "measured": region["state_vs_full"],
                 "limit": f"≈ {share:.3f}",
-                "met": abs(region["state_vs_full"] - share) <= 0.02,
+                "met": abs(region["state_vs_full"] - share) <= 0.02 if region["state_vs_full"] is not None else None,
             }
         )
     if lora_all and "lora_region" in by_mode:

@@ -75,8 +75,9 @@ def test_prune_latency_json(runs):
     for row in rows:
         assert row["layers"] == 8 - row["k"] and len(row["removed"]) == row["k"]
         assert not set(row["removed"]) & region
-        for key in ("prefill_ms", "decode_tokens_per_s", "ideal", "decode_vs_ideal", "prefill_vs_ideal"):
-            assert row[key] > 0, key
+        assert row["ideal"] == 8 / (8 - row["k"])
+        for key in ("prefill_ms", "decode_tokens_per_s", "decode_vs_ideal", "prefill_vs_ideal", "decode_cpu_vs_ideal"):
+            assert key in row, key  # values are timings: not asserted
     assert len(report["targets"]) == 3
 
 
