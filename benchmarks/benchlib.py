@@ -323,6 +323,18 @@ def setup_process(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+def preload(*modules: str) -> None:
+    """Import now, in the parent, what the measured children will use: a library imported inside a child would
+    count towards that child's memory (peft, bitsandbytes and the torch._dynamo it pulls in are 100+ MiB)."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+
+
 def run_isolated(isolate: bool, fn: Callable, *args: Any, **kwargs: Any) -> dict:
     """Run ``fn(*args, **kwargs)`` in a forked child process (``isolate``) or here; ``{"ok", "result" | "error"}``.
 

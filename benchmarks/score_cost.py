@@ -110,6 +110,7 @@ def main(argv: Optional[list] = None) -> dict:
     shape = benchlib.resolve_shape(args)
     benchlib.setup_process(args)
     info = benchlib.machine(args.device)
+    benchlib.preload("transformers.models.llava.modeling_llava", "vr_plugin.score")
     depths = (shape.layers, 2 * shape.layers)
     memory: dict = {}
     errors = []

@@ -401,6 +401,17 @@ def main(argv: Optional[list] = None) -> dict:
             print(f"bitsandbytes unavailable ({error}); skipping {', '.join(QUANTIZED)}", file=sys.stderr)
             args.modes = [m for m in args.modes if m not in QUANTIZED]
     info = benchlib.machine(args.device)
+    # every mode's child starts with the same libraries loaded, whichever modes run
+    benchlib.preload(
+        "transformers.models.llava.modeling_llava",
+        "peft",
+        "bitsandbytes",
+        "accelerate",
+        "safetensors.torch",
+        "vr_plugin.freeze",
+        "vr_plugin.lora",
+        "vr_plugin.quant",
+    )
     with tempfile.TemporaryDirectory(prefix="vr_bench_", dir=args.workdir) as tmp:
         model_dir = None
         if any(m in QUANTIZED for m in args.modes):
