@@ -3,8 +3,9 @@
 One LVLM; copies of it pruned by ``prune_outside_region`` (k = 1, 2, 4, 8 layers, chosen outside the visual region
 by angular-distance scores from ``score_layers``, as in the paper). Prefill: one forward over a fixed image+text
 prompt (``use_cache=True``, logits of the last position only). Decode: greedy ``generate`` with the KV cache,
-``min_new_tokens = max_new_tokens``; seconds per token = (time for N new tokens - time for 1) / (N - 1). Speedups
-are compared with the ideal L / (L - k). Prints markdown tables and writes JSON (``--out``).
+``min_new_tokens = max_new_tokens``, timed per new token by a logits processor that notes the clock (median over
+all steps of all repeats). Speedups are compared with the ideal L / (L - k). Prints markdown tables and writes JSON
+(``--out``).
 
     python benchmarks/prune_latency.py                                    # CPU default
     python benchmarks/prune_latency.py --device cuda --preset vicuna-7b   # real size, GPU
@@ -51,9 +52,33 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     return args
 
 
+class StepClock:
+    """A logits processor that only notes the time: ``generate`` calls it once per new token, after that token's
+    forward, so consecutive calls are one decode step apart (forward with the KV cache + ``generate``'s own
+    per-token work), without the prefill."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.wall: list = []
+        self.cpu: list = []
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        benchlib.sync(self.device)
+        self.wall.append(benchlib.now())
+        self.cpu.append(benchlib.cpu_now())
+        return scores
+
+    def intervals(self) -> tuple:
+        return (
+            [b - a for a, b in zip(self.wall, self.wall[1:])],
+            [b - a for a, b in zip(self.cpu, self.cpu[1:])],
+        )
+
+
 def measure(model: Any, prompt: dict, args: argparse.Namespace) -> dict:
-    """One prefill time and one decode time per token (seconds)."""
+    """One prefill time and the N - 1 decode-step times of one ``generate`` call (seconds; wall and CPU)."""
     import torch
+    from transformers import LogitsProcessorList
 
     with torch.inference_mode():
         benchlib.sync(args.device)
@@ -61,21 +86,18 @@ def measure(model: Any, prompt: dict, args: argparse.Namespace) -> dict:
         model(**prompt, use_cache=True, logits_to_keep=1)
         benchlib.sync(args.device)
         t1, c1 = benchlib.now(), benchlib.cpu_now()
-        times = {}
-        for tokens in (1, args.new_tokens):
-            benchlib.sync(args.device)
-            start, cpu_start = benchlib.now(), benchlib.cpu_now()
-            out = model.generate(**prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-            benchlib.sync(args.device)
-            times[tokens] = (benchlib.now() - start, benchlib.cpu_now() - cpu_start)
-            assert out.shape[1] == prompt["input_ids"].shape[1] + tokens
-    n, many = args.new_tokens, times[args.new_tokens]
-    return {
-        "prefill": t1 - t0,
-        "decode": (many[0] - times[1][0]) / (n - 1),
-        "prefill_cpu": c1 - c0,
-        "decode_cpu": (many[1] - times[1][1]) / (n - 1),
-    }
+        clock = StepClock(args.device)
+        tokens = args.new_tokens
+        out = model.generate(
+            **prompt,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([clock]),
+        )
+        assert out.shape[1] == prompt["input_ids"].shape[1] + tokens
+    decode, decode_cpu = clock.intervals()
+    return {"prefill": [t1 - t0], "prefill_cpu": [c1 - c0], "decode": decode, "decode_cpu": decode_cpu}
 
 
 def pruned_copy(model: Any, k: int, scores: dict, args: argparse.Namespace) -> tuple:
@@ -115,15 +137,15 @@ def run(args: argparse.Namespace, shape: benchlib.Shape) -> dict:
             measure(models[k], prompt, args)  # warm-up
         for _ in range(args.repeats):
             for k in counts:
-                for key, value in measure(models[k], prompt, args).items():
-                    samples[k][key].append(value)
+                for key, values in measure(models[k], prompt, args).items():
+                    samples[k][key].extend(values)
     else:
         for k in counts:
             current, removed[k] = pruned_copy(model, k, scores, args)
             measure(current, prompt, args)
             for _ in range(args.repeats):
-                for key, value in measure(current, prompt, args).items():
-                    samples[k][key].append(value)
+                for key, values in measure(current, prompt, args).items():
+                    samples[k][key].extend(values)
             if current is not model:
                 del current
                 benchlib.collect()
@@ -136,7 +158,6 @@ def summarize(result: dict, shape: benchlib.Shape) -> tuple:
     base = None
     rows = []
     for k, sample in result["samples"].items():
-        # a per-token time <= 0 (noise swamping a very short decode) gives no ratio rather than a negative one
         decode = benchlib.median(sample["decode"])
         decode_cpu = benchlib.median(sample["decode_cpu"])
         row = {
@@ -195,7 +216,8 @@ def main(argv: Optional[list] = None) -> dict:
         [
             f"Shape: {shape.describe()}; batch 1, prompt {shape.seq} tokens ({shape.image_tokens} image); dtype "
             f"{args.dtype}; region {args.region} ({','.join(map(str, result['region']))}) kept; layers chosen by "
-            f"{args.metric} scores; {args.new_tokens} new tokens, greedy, KV cache; median of {args.repeats}"
+            f"{args.metric} scores; {args.new_tokens} new tokens, greedy, KV cache; prefill: median of "
+            f"{args.repeats}, decode: median of {args.repeats} x {args.new_tokens - 1} steps"
             f"{', models measured round-robin' if args.interleave else ''}.",
             "",
             benchlib.markdown_table(rows, COLUMNS if args.device == "cpu" else COLUMNS[:-2]),
