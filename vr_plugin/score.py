@@ -131,19 +131,30 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class _Accumulator:
-    """Running per-layer sums of a token statistic, separately for each token class."""
+    """Running per-layer sums of a token statistic, separately for each token class.
+
+    The sums (float64) and counts stay tensors on the model's device until :meth:`mean`: reading them back per
+    layer (``float(...)``, boolean indexing) would make the host wait for the GPU after every layer, twice per
+    token class, and leave the GPU idle while Python launches the next layer.
+    """
 
     def __init__(self) -> None:
         self.sums: dict = {}
         self.counts: dict = {}
 
     def add(self, key: Any, values: torch.Tensor, mask: torch.Tensor) -> None:
-        self.sums[key] = self.sums.get(key, 0.0) + float(values[mask].double().sum())
-        self.counts[key] = self.counts.get(key, 0) + int(mask.sum())
+        mask = mask.to(values.device)
+        total = torch.where(mask, values.double(), 0.0).sum()
+        count = mask.sum()
+        if key in self.sums:
+            self.sums[key] += total
+            self.counts[key] += count
+        else:
+            self.sums[key], self.counts[key] = total, count
 
     def mean(self, key: Any) -> float:
-        count = self.counts.get(key, 0)
-        return self.sums[key] / count if count else float("nan")
+        count = int(self.counts[key]) if key in self.counts else 0
+        return float(self.sums[key]) / count if count else float("nan")
 
 
 def reset_position_state(model: nn.Module) -> None:
