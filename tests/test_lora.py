@@ -19,7 +19,7 @@ from vr_plugin import (
 from vr_plugin.quant import quantized_layers
 from vr_plugin.tiny import available, build_model, example_inputs
 
-from .common import changed, forward, freeze_vision, requires_cpu_bnb, snapshot
+from .common import LlavaSynthetic, changed, collate, forward, freeze_vision, requires_cpu_bnb, snapshot
 from .test_locate import ARCHS, EXPECTED
 
 peft = pytest.importorskip("peft")
@@ -232,6 +232,30 @@ def test_hybrid_full_region_on_4bit_model(tmp_path, arch):
     for name, param in full.named_parameters():
         if name in region | projector:
             assert torch.equal(param, trained_params[name])
+
+
+@requires_cpu_bnb
+def test_region_trainer_trains_a_hybrid_model(tmp_path):
+    """The plain Trainer refuses bitsandbytes models without adapters; RegionTrainer sees a hybrid and trains it."""
+    from transformers import Trainer, TrainingArguments
+
+    from vr_plugin import RegionTrainer
+
+    base_dir = _save(build_model("llava"), tmp_path / "base")
+    model, _ = load_for_region(base_dir, "uniform_0.25", "nf4", dtype=torch.float32)
+    freeze_vision(model)
+    args = TrainingArguments(
+        str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2, use_cpu=True,
+        report_to="none", save_strategy="no", remove_unused_columns=False,
+    )  # fmt: skip
+    data = LlavaSynthetic(model.config, n=4)
+    with pytest.raises(ValueError, match="quantized"):
+        Trainer(model=model, args=args, train_dataset=data, data_collator=collate)
+    before = snapshot(model)
+    RegionTrainer(model=model, args=args, train_dataset=data, data_collator=collate).train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert changed(before, model) == trainable
+    assert any(".language_model.layers.1." in n for n in trainable)
 
 
 @requires_cpu_bnb

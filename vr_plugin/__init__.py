@@ -41,6 +41,7 @@ _LAZY = {
     "score_layers": "score",
     "load_scores": "score",
     "prune_outside_region": "prune",
+    "RegionTrainer": "integrations.hf",
 }
 
 __all__ = ["__version__", "select_layers", *_LAZY]
@@ -50,6 +51,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .callback import RegionFreezeCallback  # noqa: F401
     from .export import load_region_state, merge_region_lora, save_region_adapter, save_region_state  # noqa: F401
     from .freeze import RegionPlan, apply_visual_region  # noqa: F401
+    from .integrations.hf import RegionTrainer  # noqa: F401
     from .locate import DecoderLayers, find_decoder_layers, map_parameters, num_layers_from_config  # noqa: F401
     from .lora import apply_region_lora, prepare_qlora, region_lora_config, region_param_groups  # noqa: F401
     from .prune import prune_outside_region  # noqa: F401

@@ -234,10 +234,17 @@ def _hybrid_quantized_allowed() -> Iterator[None]:
 
 class RegionTrainer(Trainer):
     """``Trainer`` whose optimizer gives the projector its own learning rate (``projector_lr``, LLaVA's
-    ``mm_projector_lr``) through :func:`vr_plugin.region_param_groups`; otherwise the plain ``Trainer``."""
+    ``mm_projector_lr``) through :func:`vr_plugin.region_param_groups`, and which accepts hybrid models
+    (:func:`vr_plugin.load_for_region`: quantized outside the region, full precision inside); otherwise the plain
+    ``Trainer``. ``hybrid`` defaults to "the model is a bitsandbytes model without PEFT adapters"."""
 
-    def __init__(self, *args: Any, projector_lr: Optional[float] = None, hybrid: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, projector_lr: Optional[float] = None, hybrid: Optional[bool] = None, **kwargs: Any
+    ) -> None:
         self.projector_lr = projector_lr
+        if hybrid is None:
+            model = kwargs.get("model", args[0] if args else None)
+            hybrid = getattr(model, "hf_quantizer", None) is not None and not hasattr(model, "peft_config")
         if not hybrid:
             super().__init__(*args, **kwargs)
             return
