@@ -53,11 +53,19 @@ def optimizer_parameters(optimizer: Any) -> list:
     return [p for group in holder.param_groups for p in group["params"]]
 
 
+# Name components wrappers insert between a model's own module names (FSDP1 units, activation checkpointing).
+_WRAPPER_PARTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+
+
+def _clean_name(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
+
+
 def _wanted_ids(plan: RegionPlan, model: Any) -> set:
     """The plan's trainable tensors as ``model`` holds them now: FSDP2 (and other wrappers) replace parameter
     objects after the plan was made, so they are looked up again by name where every name still resolves."""
     if model is not None:
-        current = dict(model.named_parameters())
+        current = {_clean_name(n): p for n, p in model.named_parameters()}
         if all(name in current for name in plan.trainable_names):
             return {id(current[name]) for name in plan.trainable_names}
     return {id(p) for p in plan.trainable_params}
@@ -72,7 +80,7 @@ def verify_optimizer(optimizer: Any, plan: RegionPlan, model: Any = None) -> Non
         return
     names = {}
     if model is not None:
-        names = {id(p): n for n, p in model.named_parameters()}
+        names = {id(p): _clean_name(n) for n, p in model.named_parameters()}
     extra = sorted(names.get(i, "<unnamed>") for i in held - wanted)
     missing = sorted(names.get(i, "<unnamed>") for i in wanted - held)
     raise RuntimeError(
