@@ -42,6 +42,7 @@ _LAZY = {
     "load_scores": "score",
     "prune_outside_region": "prune",
     "RegionTrainer": "integrations.hf",
+    "fsdp_config": "distributed",
 }
 
 __all__ = ["__version__", "select_layers", *_LAZY]
@@ -49,6 +50,7 @@ __all__ = ["__version__", "select_layers", *_LAZY]
 if TYPE_CHECKING:  # pragma: no cover
     from .args import RegionArguments, add_region_args  # noqa: F401
     from .callback import RegionFreezeCallback  # noqa: F401
+    from .distributed import fsdp_config  # noqa: F401
     from .export import load_region_state, merge_region_lora, save_region_adapter, save_region_state  # noqa: F401
     from .freeze import RegionPlan, apply_visual_region  # noqa: F401
     from .integrations.hf import RegionTrainer  # noqa: F401

@@ -10,6 +10,7 @@ from typing import Any, Iterable, Optional, Union
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .distributed import check_fsdp
 from .freeze import RegionPlan, apply_visual_region
 from .record import RegionRecord, check_resume_region, save_region_file
 
@@ -52,15 +53,34 @@ def optimizer_parameters(optimizer: Any) -> list:
     return [p for group in holder.param_groups for p in group["params"]]
 
 
+# Name components wrappers insert between a model's own module names (FSDP1 units, activation checkpointing).
+_WRAPPER_PARTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+
+
+def _clean_name(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
+
+
+def _wanted_ids(plan: RegionPlan, model: Any) -> set:
+    """The plan's trainable tensors as ``model`` holds them now: FSDP2 (and other wrappers) replace parameter
+    objects after the plan was made, so they are looked up again by name where every name still resolves."""
+    if model is not None:
+        current = {_clean_name(n): p for n, p in model.named_parameters()}
+        if all(name in current for name in plan.trainable_names):
+            return {id(current[name]) for name in plan.trainable_names}
+    return {id(p) for p in plan.trainable_params}
+
+
 def verify_optimizer(optimizer: Any, plan: RegionPlan, model: Any = None) -> None:
-    """Raise ``RuntimeError`` unless ``optimizer`` holds exactly the plan's trainable parameters."""
+    """Raise ``RuntimeError`` unless ``optimizer`` holds exactly the plan's trainable parameters (looked up by name
+    in ``model`` when given, so FSDP's replaced parameters count as the same)."""
     held = {id(p) for p in optimizer_parameters(optimizer)}
-    wanted = {id(p) for p in plan.trainable_params}
+    wanted = _wanted_ids(plan, model)
     if held == wanted:
         return
     names = {}
     if model is not None:
-        names = {id(p): n for n, p in model.named_parameters()}
+        names = {id(p): _clean_name(n) for n, p in model.named_parameters()}
     extra = sorted(names.get(i, "<unnamed>") for i in held - wanted)
     missing = sorted(names.get(i, "<unnamed>") for i in wanted - held)
     raise RuntimeError(
@@ -111,6 +131,8 @@ def write_plan(plan: RegionPlan, path: str) -> str:
 
 
 def _resume_candidates(args: Any) -> list:
+    """Checkpoints a run with ``args`` resumes from: ``--resume_from_checkpoint DIR`` and the last ``checkpoint-*``
+    in ``output_dir`` (what ``resume_from_checkpoint=True`` and LLaVA-style auto-resume pick)."""
     found = []
     resume = getattr(args, "resume_from_checkpoint", None)
     if isinstance(resume, str) and os.path.isdir(resume):
@@ -129,8 +151,11 @@ class RegionFreezeCallback(TrainerCallback):
     """Tune only the visual region in a ``transformers.Trainer`` run.
 
     Freezes in ``on_init_end`` (before the optimizer or a DeepSpeed engine
-    exists), verifies in ``on_train_begin`` that the optimizer holds exactly
-    the plan's parameters, logs one line and writes ``region_plan.json`` (every
+    exists); there it also refuses to resume a checkpoint trained with another
+    region, before the Trainer or DeepSpeed loads any state, and lets FSDP keep
+    the original parameters (:func:`vr_plugin.distributed.check_fsdp`).
+    Verifies in ``on_train_begin`` that the optimizer holds exactly the plan's
+    parameters, logs one line and writes ``region_plan.json`` (every
     trainable parameter) into ``output_dir``, and writes ``visual_region.json``
     into every checkpoint.  ``spec`` and ``options`` are those of
     :func:`vr_plugin.apply_visual_region`.
@@ -150,8 +175,15 @@ class RegionFreezeCallback(TrainerCallback):
         if model is None:
             raise RuntimeError("RegionFreezeCallback needs the Trainer's model in on_init_end")
         self.apply(model)
+        self.check_resume(args)
+        check_fsdp(model, args)
         if optimizer is not None:  # Trainer(optimizers=(opt, sched)) built it before us
             _drop_frozen(optimizer, getattr(args, "world_size", 1))
+
+    def check_resume(self, args: Any) -> None:
+        """Raise ``ValueError`` if a checkpoint this run would resume from was trained with another region."""
+        for checkpoint in _resume_candidates(args):
+            check_resume_region(checkpoint, self.plan.layers, self.plan.spec)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.plan is None:
@@ -159,9 +191,8 @@ class RegionFreezeCallback(TrainerCallback):
             self.apply(model)
             if optimizer is not None:
                 _drop_frozen(optimizer, getattr(args, "world_size", 1))
-        if state.global_step > 0:
-            for checkpoint in _resume_candidates(args):
-                check_resume_region(checkpoint, self.plan.layers, self.plan.spec)
+        if state.global_step > 0:  # resumed from a checkpoint named only in trainer.train(resume_from_checkpoint=...)
+            self.check_resume(args)
         if optimizer is not None:
             verify_optimizer(optimizer, self.plan, model)
         else:

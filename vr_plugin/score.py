@@ -18,6 +18,7 @@ is held only until its output arrives (``n`` inputs for ``angular``), so memory 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -29,6 +30,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from .distributed import gathered, zero3_hooked, zero3_partitioned
 from .locate import find_decoder_layers, unwrap_model
 
 __all__ = ["METRICS", "ScoreReport", "score_layers", "save_scores", "load_scores", "image_token_mask"]
@@ -178,10 +180,11 @@ def _weight_change(model: nn.Module, reference: nn.Module, layers_path: Optional
     for index, (layer, ref) in enumerate(zip(trained, base)):
         ref_linears = {n: m for n, m in ref.named_modules() if isinstance(m, nn.Linear)}
         total = 0.0
-        for name, module in layer.named_modules():
-            if isinstance(module, nn.Linear) and name in ref_linears:
-                w, w0 = module.weight.detach().float(), ref_linears[name].weight.detach().float()
-                total += float(torch.linalg.norm(w - w0) / torch.linalg.norm(w0).clamp_min(1e-12))
+        with gathered([*layer.parameters(), *ref.parameters()]):  # ZeRO-3: one layer pair whole at a time
+            for name, module in layer.named_modules():
+                if isinstance(module, nn.Linear) and name in ref_linears:
+                    w, w0 = module.weight.detach().float(), ref_linears[name].weight.detach().float()
+                    total += float(torch.linalg.norm(w - w0) / torch.linalg.norm(w0).clamp_min(1e-12))
         scores[index] = total
     return scores
 
@@ -206,6 +209,10 @@ def score_layers(
 
     ``metric`` is one of :data:`METRICS`. ``out`` saves a JSON report (metric, scores, model id, data).
     ``image_mask_fn(model, batch, seq_len)`` overrides how image-token positions are found.
+
+    Under DeepSpeed ZeRO-3 every rank calls it with the same batches: a model inside an engine gathers its own
+    parameters; one only partitioned by ``zero.Init`` is gathered a decoder layer at a time (the rest for the
+    whole pass), and ``weight_change`` gathers one layer pair at a time.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
@@ -259,6 +266,12 @@ def score_layers(
     for index, layer in enumerate(location.layers):
         handles.append(layer.register_forward_pre_hook(pre_hook(index), with_kwargs=True))
         handles.append(layer.register_forward_hook(post_hook(index), with_kwargs=True))
+    gather = zero3_partitioned(model) and not zero3_hooked(location.layers[0])
+    outside = contextlib.nullcontext()
+    if gather:  # partitioned by zero.Init with no engine to fetch parameters: gather them here, layer by layer
+        handles.extend(_gather_per_layer(location.layers))
+        in_layers = {id(p) for p in location.layers.parameters()}
+        outside = gathered([p for p in model.parameters() if id(p) not in in_layers])
     device = next(unwrap_model(model).parameters()).device
     was_training = model.training
     model.eval()
@@ -269,7 +282,7 @@ def score_layers(
             from tqdm.auto import tqdm
 
             iterator = tqdm(batches, desc=f"scoring layers ({metric})", unit="batch")
-        with _SpliceObserver(model) as observer:
+        with outside, _SpliceObserver(model) as observer:
             for batch in iterator:
                 batch = _batches_to_device({k: v for k, v in batch.items() if k != "labels"}, device)
                 state["batch"], state["types"] = batch, None
@@ -297,6 +310,25 @@ def score_layers(
     report = ScoreReport(metric, scores, num_layers, model_id, data_description, n=n, tokens=seen)
     report.extra["last_token"] = last_token
     return _finish(report, out)
+
+
+def _gather_per_layer(layers: nn.ModuleList) -> list:
+    """Hooks that make each layer's ZeRO-3 partitioned parameters whole for its forward only."""
+    open_contexts: dict = {}
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        context = gathered(module.parameters())
+        context.__enter__()
+        open_contexts[id(module)] = context
+
+    def leave(module: nn.Module, args: tuple, output: Any) -> None:
+        open_contexts.pop(id(module)).__exit__(None, None, None)
+
+    handles = []
+    for layer in layers:
+        handles.append(layer.register_forward_pre_hook(enter))
+        handles.append(layer.register_forward_hook(leave))
+    return handles
 
 
 def _token_masks(model, hidden, batch, observer, find_mask, metric, last_token) -> dict:

@@ -191,10 +191,13 @@ def test_qlora_region_same_targets_and_trainable_set(workspace):
 
 
 def test_deepspeed_module_launch_two_ranks(workspace, tmp_path):
-    """``deepspeed --module vr_plugin.integrations.llava.train`` with ZeRO-2 on two CPU ranks.
+    """``deepspeed --module vr_plugin.integrations.llava.train --deepspeed zero2.json`` on two CPU ranks.
 
-    Both ranks freeze before the engine exists and train; LLaVA's final save then calls torch.cuda.synchronize()
-    (llava/train/train.py, safe_save_model_for_hf_trainer), which a CPU-only torch cannot do.
+    Both ranks get the region and train. On this stack no ZeRO engine runs on CPU: without ``--use_cpu``
+    transformers 4.37 / accelerate 0.27 initialise NCCL ("Distributed package doesn't have NCCL built in"); with it,
+    accelerate drops the DeepSpeed plugin and the ranks train under DDP. The run then ends at LLaVA's final save,
+    which calls torch.cuda.synchronize() (safe_save_model_for_hf_trainer). ZeRO-2/3 engines with the region are
+    tested under transformers 5 in tests/test_distributed.py.
     """
     import json as _json
 

@@ -23,9 +23,9 @@ import torch
 
 from ..args import RegionArguments, check_region_arguments, extend_arguments
 from ..callback import RegionFreezeCallback
+from ..distributed import gathered
 from ..locate import unwrap_model
 from ..lora import region_targets
-from ..record import check_resume_region
 
 __all__ = [
     "HostRegionCallback",
@@ -69,31 +69,18 @@ def _is_main(args: Any) -> bool:
 
 def _gathered(param: torch.Tensor) -> torch.Tensor:
     """A CPU copy of a parameter, gathering it first under DeepSpeed ZeRO-3 (a collective: every rank calls it)."""
-    if hasattr(param, "ds_id"):
-        from deepspeed import zero
-
-        with zero.GatheredParameters([param]):
-            return param.data.detach().cpu().clone()
-    return param.detach().cpu().clone()
+    with gathered([param]):
+        return param.data.detach().cpu().clone()
 
 
 class HostRegionCallback(RegionFreezeCallback):
     """``RegionFreezeCallback`` plus what LLaVA-family scripts need.
 
-    * refuses, before DeepSpeed loads anything, to auto-resume a ``checkpoint-*`` trained with another region;
+    * (as ``RegionFreezeCallback``) refuses, before DeepSpeed loads anything, to auto-resume a ``checkpoint-*``
+      trained with another region;
     * makes intermediate LoRA checkpoints loadable: ``config.json`` (with the region) and
       ``non_lora_trainables.bin`` (the projector) beside the adapter, as the scripts write only at the end.
     """
-
-    def on_init_end(self, args, state, control, model=None, **kwargs):
-        super().on_init_end(args, state, control, model=model, **kwargs)
-        output_dir = getattr(args, "output_dir", None)
-        if output_dir and os.path.isdir(output_dir):
-            from transformers.trainer_utils import get_last_checkpoint
-
-            last = get_last_checkpoint(output_dir)
-            if last:  # the host will auto-resume from it
-                check_resume_region(last, self.plan.layers, self.plan.spec)
 
     def on_save(self, args, state, control, model=None, **kwargs):
         super().on_save(args, state, control, model=model, **kwargs)
