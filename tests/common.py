@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import socket
 
 import pytest
 import torch
@@ -102,3 +103,10 @@ def forward(model, inputs, **kwargs):
 
     reset_position_state(model)
     return model(**inputs, **kwargs)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a launcher's ``--master_port`` (fixed ports collide with other runs)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

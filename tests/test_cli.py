@@ -19,7 +19,7 @@ from vr_plugin.cli import main
 from vr_plugin.synthetic import make_vqa_dataset
 from vr_plugin.tiny import available, save_tiny_lvlm
 
-from .common import requires_cpu_bnb
+from .common import free_port, requires_cpu_bnb
 from .test_locate import EXPECTED
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -421,7 +421,8 @@ def test_train_under_deepspeed_zero3_two_ranks(tmp_path, llava, data):
     out = tmp_path / "out"
     launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
     command = [
-        launcher, "--num_gpus", "2", "--master_port", "29660", "--module", "vr_plugin", "train", "--model", llava,
+        launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "vr_plugin", "train",
+        "--model", llava,
         "--data", data["train"], "--images", data["images"], "--output", out, "--max_steps", "2",
         "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--save_strategy", "no",
         "--deepspeed", config, "--disable_tqdm", "true",
@@ -442,7 +443,7 @@ def test_train_under_torchrun_ddp_two_ranks(tmp_path, llava, data):
     """`torchrun -m vr_plugin train` with 2 CPU ranks (gloo DDP; --use_cpu makes the Trainer see both ranks)."""
     out = tmp_path / "out"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29665",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         "-m", "vr_plugin", "train", "--model", llava, "--data", data["train"], "--images", data["images"],
         "--output", out, "--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2",
         "--save_strategy", "no", "--use_cpu", "true", "--disable_tqdm", "true", "--logging_steps", "1",

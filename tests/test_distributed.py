@@ -17,7 +17,7 @@ import pytest
 from vr_plugin import fsdp_config, prune_outside_region, read_pruning, read_region, score_layers
 from vr_plugin.tiny import build_model
 
-from .common import LlavaSynthetic, changed, collate, snapshot
+from .common import LlavaSynthetic, changed, collate, free_port, snapshot
 
 pytest.importorskip("deepspeed")
 HERE = os.path.join(os.path.dirname(__file__), "distributed")
@@ -40,10 +40,10 @@ def _run(command, tmp_path):
     return run, run.stdout + run.stderr
 
 
-def _launch(tmp_path, stage, mode="region", late=False, port=29600, steps=2):
+def _launch(tmp_path, stage, mode="region", late=False, steps=2):
     model = _initial(tmp_path)
     command = [
-        _launcher("deepspeed"), "--num_gpus", "2", "--master_port", str(port), os.path.join(HERE, "ds_train.py"),
+        _launcher("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), os.path.join(HERE, "ds_train.py"),
         "--model_dir", str(tmp_path / "init"), "--result", str(tmp_path / "result"), "--stage", str(stage),
         "--mode", mode, "--late", str(late), "--output_dir", str(tmp_path / "out"), "--max_steps", str(steps),
         "--per_device_train_batch_size", "2", "--report_to", "none", "--save_strategy", "steps",
@@ -86,7 +86,7 @@ def _check_ranks(reports, initial, expected_changed):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_region_training(tmp_path, stage):
     """Train, checkpoint, resume with the same region, refuse another region; ZeRO-3 also scores layers."""
-    initial, run, log = _launch(tmp_path, stage, port=29600 + stage)
+    initial, run, log = _launch(tmp_path, stage)
     assert run.returncode == 0, log[-6000:]
     reports = _reports(tmp_path)
     region = _check_ranks(reports, initial, _region_names(initial))
@@ -141,7 +141,7 @@ def _check_zero3_scores_and_prune(tmp_path, reports, initial, trained):
 
 def test_zero3_region_lora(tmp_path):
     """LoRA on the region layers under ZeRO-3: only adapters and the projector copy train, the base stays put."""
-    initial, run, log = _launch(tmp_path, 3, mode="lora", port=29604)
+    initial, run, log = _launch(tmp_path, 3, mode="lora")
     assert run.returncode == 0, log[-6000:]
     reports = _reports(tmp_path)
     trainable = reports[0]["trainable"]
@@ -162,7 +162,7 @@ def test_zero3_region_lora(tmp_path):
 
 
 def test_late_callback_under_deepspeed_stops_clearly(tmp_path):
-    _, run, log = _launch(tmp_path, 2, late=True, port=29610)
+    _, run, log = _launch(tmp_path, 2, late=True)
     assert run.returncode != 0
     assert "attached after the Trainer built its optimizer" in log
 
@@ -172,7 +172,7 @@ def test_fsdp_region_training(tmp_path, version):
     """FSDP through the HF Trainer and accelerate, one unit per decoder layer, gloo on two CPU ranks."""
     initial = _initial(tmp_path)
     command = [
-        _launcher("torchrun"), "--nproc_per_node", "2", "--master_port", str(29620 + version),
+        _launcher("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
         os.path.join(HERE, "fsdp_train.py"), "--model_dir", str(tmp_path / "init"), "--version", str(version),
         "--result", str(tmp_path / "result"), "--output_dir", str(tmp_path / "out"),
     ]  # fmt: skip

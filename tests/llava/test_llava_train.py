@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ..common import free_port
 from ..llava.fixtures import finetune_flags
 from .conftest import read_json, run_llava
 
@@ -210,7 +211,8 @@ def test_deepspeed_module_launch_two_ranks(workspace, tmp_path):
     }))  # fmt: skip
     out = str(tmp_path / "llava-vr25-ds")
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    command = [launcher, "--num_gpus", "2", "--master_port", "29751", "--module", "vr_plugin.integrations.llava.train",
+    command = [launcher, "--num_gpus", "2", "--master_port", str(free_port()),
+               "--module", "vr_plugin.integrations.llava.train",
                *_flags(workspace, out), "--visual_region", "uniform_0.25", "--deepspeed", str(config),
                "--use_cpu", "True", "--ddp_backend", "gloo"]  # fmt: skip
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
