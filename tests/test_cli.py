@@ -416,7 +416,6 @@ def test_train_under_deepspeed_zero3_two_ranks(tmp_path, llava, data):
     config.write_text(json.dumps({
         "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
         "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
-        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": 0.0}},
     }))  # fmt: skip
     out = tmp_path / "out"
     launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"

@@ -160,7 +160,6 @@ def main():
         "train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": extra.stage, "stage3_gather_16bit_weights_on_model_save": True},
-        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": 0.0}},
     }
     args.__post_init__()  # builds the HF DeepSpeed config: ZeRO-3 partitions the model inside from_pretrained
     report = run_lora(extra, args) if extra.mode == "lora" else run_region(extra, args)
