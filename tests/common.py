@@ -110,3 +110,52 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def train_sentencepiece(prefix: str, vocab_size: int) -> str:
+    """Train a Llama-style sentencepiece BPE model on the synthetic corpus (byte fallback, ``<unk>``/``<s>``/``</s>``
+    = 0/1/2, no pad) and return its ``.model`` path."""
+    import sentencepiece as spm
+
+    from vr_plugin.synthetic import corpus
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus()),
+        model_prefix=prefix,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        character_coverage=1.0,
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        split_digits=True,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    return prefix + ".model"
+
+
+def quantize_linears_nf4(module: torch.nn.Module) -> None:
+    """Replace every ``nn.Linear`` inside ``module`` by a real bitsandbytes nf4 ``Linear4bit`` holding its weights
+    (what a 4-bit ``from_pretrained`` does, for stacks whose transformers refuses to quantize without a GPU)."""
+    import bitsandbytes as bnb
+
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:
+                quantized = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=torch.float32,
+                    quant_type="nf4",
+                )
+                quantized.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
+                if child.bias is not None:
+                    quantized.bias = child.bias
+                setattr(parent, name, quantized.to("cpu"))

@@ -144,7 +144,8 @@ def _install_input_grad_hook(model: nn.Module, location: DecoderLayers) -> None:
     embed._vr_input_grad_hook = embed.register_forward_hook(hook)
 
 
-def _is_main_process() -> bool:
+def is_rank_zero() -> bool:
+    """Rank 0 of ``torch.distributed`` (True without a process group)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank() == 0
     return True
@@ -265,6 +266,6 @@ def apply_visual_region(
         _install_input_grad_hook(model, location)
     if record:
         write_region(core.config, plan.spec, indices, num_layers)
-    if _is_main_process():
+    if is_rank_zero():
         logger.info("%s\n%s", plan.summary(), plan.table())
     return plan

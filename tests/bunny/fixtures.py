@@ -24,6 +24,7 @@ import torch
 
 from vr_plugin.synthetic import corpus, make_vqa_dataset
 
+from ..common import train_sentencepiece
 from ..stacks import current
 
 if TYPE_CHECKING:
@@ -176,31 +177,13 @@ def sentencepiece_tokenizer(out_dir: str, *, add_bos: bool, extra_eos: Optional[
 
     ``extra_eos`` adds that string as a special token and makes it eos and pad (Phi-3's ``<|endoftext|>``).
     """
-    import sentencepiece as spm
     from transformers import LlamaTokenizerFast
 
     os.makedirs(out_dir, exist_ok=True)
     prefix = os.path.join(out_dir, "tokenizer")
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus()),
-        model_prefix=prefix,
-        vocab_size=SPM_VOCAB,
-        model_type="bpe",
-        character_coverage=1.0,
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        add_dummy_prefix=True,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        split_digits=True,
-        hard_vocab_limit=False,
-        minloglevel=2,
-    )
+    model_file = train_sentencepiece(prefix, SPM_VOCAB)
     kwargs = {"eos_token": extra_eos, "pad_token": extra_eos} if extra_eos else {}
-    tokenizer = LlamaTokenizerFast(vocab_file=prefix + ".model", add_bos_token=add_bos, add_eos_token=False,
+    tokenizer = LlamaTokenizerFast(vocab_file=model_file, add_bos_token=add_bos, add_eos_token=False,
                                    legacy=False, from_slow=True, **kwargs)  # fmt: skip
     tokenizer.save_pretrained(out_dir)
     return tokenizer

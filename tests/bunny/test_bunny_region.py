@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ..common import quantize_linears_nf4
 from .fixtures import (
     MODEL_TYPES,
     backbone,
@@ -265,7 +266,6 @@ def test_qlora_region_same_targets_and_trainable_set(workspace, model_type):
     Bunny's train() hands from_pretrained both load_in_4bit and a quantization_config, which transformers >= 4.44
     rejects, so the decoder's linears are quantized with bitsandbytes directly; the rest is what train() does.
     """
-    import bitsandbytes as bnb
 
     bunny_repo()  # importable in this process too
     import bunny.model as bunny_model
@@ -280,20 +280,7 @@ def test_qlora_region_same_targets_and_trainable_set(workspace, model_type):
     def build(bits):
         model = model_cls.from_pretrained(workspace(model_type)["llm"])
         if bits == 4:
-            for module in list(model.model.layers.modules()):
-                for name, child in list(module.named_children()):
-                    if type(child) is torch.nn.Linear:
-                        quantized = bnb.nn.Linear4bit(
-                            child.in_features,
-                            child.out_features,
-                            bias=child.bias is not None,
-                            compute_dtype=torch.float32,
-                            quant_type="nf4",
-                        )
-                        quantized.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
-                        if child.bias is not None:
-                            quantized.bias = child.bias
-                        setattr(module, name, quantized.to("cpu"))
+            quantize_linears_nf4(model.model.layers)
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
         targets = region_lora_targets(model, args)
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM"))

@@ -11,7 +11,9 @@ import os
 import torch
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-from vr_plugin.synthetic import corpus, make_vqa_dataset
+from vr_plugin.synthetic import make_vqa_dataset
+
+from ..common import train_sentencepiece
 
 HIDDEN = 64
 VISION_HIDDEN = 32
@@ -20,30 +22,12 @@ IMAGE = 32
 
 def sentencepiece_tokenizer(out_dir: str, vocab_size: int = 400):
     """Train a Llama-style sentencepiece BPE model (byte fallback, <unk>/<s>/</s> = 0/1/2) and save a LlamaTokenizer."""
-    import sentencepiece as spm
     from transformers import LlamaTokenizer
 
     os.makedirs(out_dir, exist_ok=True)
     prefix = os.path.join(out_dir, "spm")
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus()),
-        model_prefix=prefix,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        character_coverage=1.0,
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        add_dummy_prefix=True,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        split_digits=True,
-        hard_vocab_limit=False,
-        minloglevel=2,
-    )
-    tokenizer = LlamaTokenizer(vocab_file=prefix + ".model", legacy=False)
+    model_file = train_sentencepiece(prefix, vocab_size)
+    tokenizer = LlamaTokenizer(vocab_file=model_file, legacy=False)
     tokenizer.save_pretrained(out_dir)
     return tokenizer
 

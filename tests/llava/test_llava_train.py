@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ..common import free_port
+from ..common import free_port, quantize_linears_nf4
 from ..llava.fixtures import finetune_flags
 from .conftest import read_json, run_llava
 
@@ -146,7 +146,6 @@ def test_qlora_region_same_targets_and_trainable_set(workspace):
     transformers 4.37.2 refuses to quantize without a GPU inside from_pretrained, so the decoder's linears are
     quantized with bitsandbytes directly; everything after that is what LLaVA's train() does for --bits 4.
     """
-    import bitsandbytes as bnb
     from llava.model import LlavaLlamaForCausalLM
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -159,18 +158,7 @@ def test_qlora_region_same_targets_and_trainable_set(workspace):
     def build(bits):
         model = LlavaLlamaForCausalLM.from_pretrained(workspace["vicuna"])
         if bits == 4:
-            for module in list(model.model.layers.modules()):
-                for name, child in list(module.named_children()):
-                    if type(child) is torch.nn.Linear:
-                        quantized = bnb.nn.Linear4bit(
-                            child.in_features,
-                            child.out_features,
-                            bias=False,
-                            compute_dtype=torch.float32,
-                            quant_type="nf4",
-                        )
-                        quantized.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
-                        setattr(module, name, quantized.to("cpu"))
+            quantize_linears_nf4(model.model.layers)
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
         targets = region_lora_targets(model, args)
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM"))

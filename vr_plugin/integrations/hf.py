@@ -36,7 +36,7 @@ from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..callback import RegionFreezeCallback
-from ..freeze import RegionPlan
+from ..freeze import RegionPlan, is_rank_zero
 from ..lora import region_param_groups
 from ..record import RegionRecord, read_region, save_region_file, write_region
 
@@ -294,8 +294,7 @@ class _BarOnly(ProgressCallback):
 def _is_main_process(trainer: Any) -> bool:
     """Rank 0 of the run. ``torch.distributed``'s rank is asked too: under DeepSpeed's CPU accelerator the
     TrainingArguments of transformers 5.x report process 0 of 1 on every rank."""
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    return trainer.is_world_process_zero() and rank == 0
+    return trainer.is_world_process_zero() and is_rank_zero()
 
 
 def train(config: RegionTrainingConfig, args: Any, *, print_logs: bool = True) -> TrainResult:

@@ -63,10 +63,6 @@ def region_lora_targets(model: torch.nn.Module, args: Any) -> Optional[str]:
     return region_targets(model, spec, layers_path=getattr(args, "layers_path", None)).regex()
 
 
-def _is_main(args: Any) -> bool:
-    return getattr(args, "local_rank", -1) in (-1, 0) and int(os.environ.get("RANK", "0")) == 0
-
-
 def _gathered(param: torch.Tensor) -> torch.Tensor:
     """A CPU copy of a parameter, gathering it first under DeepSpeed ZeRO-3 (a collective: every rank calls it)."""
     with gathered([param]):
