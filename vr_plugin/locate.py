@@ -28,6 +28,7 @@ __all__ = [
     "unwrap_model",
     "text_config",
     "num_layers_from_config",
+    "visual_entry_layers",
     "GROUPS",
 ]
 
@@ -288,3 +289,32 @@ def num_layers_from_config(config: Any) -> int:
         f"{type(config).__name__} states no decoder depth (looked for num_hidden_layers / n_layers / n_layer "
         "on the config and its text_config)"
     )
+
+
+def _config_of(source: Any) -> Any:
+    return getattr(unwrap_model(source), "config", None) if isinstance(source, nn.Module) else source
+
+
+def visual_entry_layers(source: Any) -> dict:
+    """``{layer: why}``: the decoder layers (current numbering) where visual features enter the LLM.
+
+    ``source`` is a model or its config. Found from the config, so a pruned model (whose config was remapped)
+    answers in its own numbering:
+
+    * Mllama: the text config's ``cross_attention_layers``, the only layers that see the image;
+    * Qwen3-VL (dense and MoE): DeepStack adds the features of vision layers ``deepstack_visual_indexes[k]`` to
+      the output of LLM layer ``k``, so layers ``0 .. len(deepstack_visual_indexes) - 1``.
+
+    A new family whose images enter at particular layers is added here; pruning protects what this returns.
+    """
+    config = _config_of(source)
+    if config is None:
+        return {}
+    entry: dict = {}
+    text = text_config(config)
+    for index in getattr(text, "cross_attention_layers", None) or []:
+        entry[int(index)] = "cross-attention layer: the only place image features enter the LLM"
+    vision = getattr(config, "vision_config", None)
+    for k, vision_layer in enumerate(getattr(vision, "deepstack_visual_indexes", None) or []):
+        entry.setdefault(k, f"DeepStack target: vision layer {vision_layer}'s features are added after it")
+    return dict(sorted(entry.items()))

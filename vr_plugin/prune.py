@@ -5,11 +5,15 @@ Layer surgery that survives ``save_pretrained`` / ``from_pretrained`` and cached
 1. the kept layers become a new ``ModuleList`` in their original order;
 2. every ``layer_idx`` attribute inside a kept layer (attention, the layer itself, ...) is renumbered, so the
    KV cache is addressed by the new positions;
-3. the LLM config's ``num_hidden_layers`` becomes the kept count, and every per-layer list (``layer_types``
-   and any other list as long as the old depth) is sliced; ``max_window_layers`` is remapped;
+3. every per-layer field of the LLM config follows by meaning (:mod:`vr_plugin.layer_fields`): the depth,
+   per-layer lists sliced, index lists (``cross_attention_layers``, ``moe_layers``, ...) remapped, thresholds
+   recounted, periodic rules rewritten; a field that cannot follow is refused before anything changes, and a
+   module that keeps its own copy of such a field (``MllamaTextModel.cross_attention_layers``) gets the new value;
 4. layers that scale their residuals by the model depth (MiniCPM) are rescaled to stay exact at the new depth;
-5. the config records the removed layers (original numbering) and the original depth, and the region record
-   is renumbered to the new positions.
+5. layers where visual features enter the LLM (:func:`vr_plugin.locate.visual_entry_layers`) are protected like
+   the region: refused when named, never chosen by scores, unless ``allow_visual_entry``;
+6. the config records the removed and protected layers (original numbering) and the original depth, and the
+   region record is renumbered to the new positions.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import nn
 
-from .locate import find_decoder_layers, text_config, unwrap_model
+from .layer_fields import INDEX_LISTS, PER_LAYER, plan_layer_fields
+from .locate import find_decoder_layers, text_config, unwrap_model, visual_entry_layers
 from .record import PruningRecord, read_pruning, read_region, write_pruning, write_region
 from .spec import select_layers
 
@@ -30,7 +35,7 @@ __all__ = ["prune_outside_region", "choose_layers_to_remove", "remove_layers"]
 logger = logging.getLogger(__name__)
 
 _INDEX_ATTRIBUTES = ("layer_idx", "layer_id", "layer_index")
-_DEPTH_KEYS = ("num_hidden_layers", "n_layers", "n_layer", "num_layers")
+_COPIED_FIELDS = INDEX_LISTS + PER_LAYER  # fields a module may keep its own copy of
 
 
 def _scores_and_metric(scores: Any) -> tuple:
@@ -66,17 +71,20 @@ def choose_layers_to_remove(
     region: Iterable[int],
     num_layers: int,
     allow_region: bool = False,
+    protected: Iterable[int] = (),
 ) -> list:
-    """The ``remove`` lowest-scoring layers, never one of ``region`` unless ``allow_region`` (ties: lower index)."""
+    """The ``remove`` lowest-scoring layers, never one of ``region`` unless ``allow_region`` and never one of
+    ``protected`` (visual-entry layers; ties: lower index)."""
     k = _count(remove, num_layers)
-    region = set(region)
-    missing = [i for i in range(num_layers) if i not in scores and (allow_region or i not in region)]
+    region, protected = set(region), set(protected)
+    candidates = [i for i in range(num_layers) if (allow_region or i not in region) and i not in protected]
+    missing = [i for i in candidates if i not in scores]
     if missing:
         raise ValueError(f"scores are missing for layers {missing} (the scores cover {len(scores)} layers)")
-    candidates = [i for i in range(num_layers) if allow_region or i not in region]
     if k > len(candidates):
+        kept_back = f" and the visual-entry layers {sorted(protected)}" if protected else ""
         raise ValueError(
-            f"cannot remove {k} layers: only {len(candidates)} lie outside the region {sorted(region)} "
+            f"cannot remove {k} layers: only {len(candidates)} lie outside the region {sorted(region)}{kept_back} "
             "(allow_region=True to let region layers go too)"
         )
     return sorted(sorted(candidates, key=lambda i: (scores[i], i))[:k])
@@ -89,17 +97,38 @@ def _renumber(layer: nn.Module, new_index: int) -> None:
                 setattr(module, attr, new_index)
 
 
-def _fix_config(config: Any, keep: list, old_depth: int) -> None:
-    """Depth, per-layer lists and layer-index-valued fields of one (text) config."""
-    for key in _DEPTH_KEYS:
-        if isinstance(getattr(config, key, None), int) and getattr(config, key) == old_depth:
-            setattr(config, key, len(keep))
-    for key, value in list(vars(config).items()):
-        if isinstance(value, (list, tuple)) and len(value) == old_depth and key not in ("architectures",):
-            setattr(config, key, type(value)(value[i] for i in keep))
-    window = getattr(config, "max_window_layers", None)
-    if isinstance(window, int):  # Qwen2: layers with index >= max_window_layers use sliding window
-        config.max_window_layers = sum(1 for i in keep if i < window)
+def _llm_configs(model: nn.Module, owner: nn.Module) -> list:
+    """The distinct config objects that describe the LLM: the model's, its text config, the layers' owner's."""
+    core = unwrap_model(model)
+    configs = {id(core.config): core.config}
+    sub = text_config(core.config)
+    configs.setdefault(id(sub), sub)
+    owner_config = getattr(owner, "config", None)
+    if owner_config is not None:
+        configs.setdefault(id(owner_config), owner_config)
+    return list(configs.values())
+
+
+def _plan_configs(configs: list, keep: list, old_depth: int) -> list:
+    """``[(config, updates)]``, every config planned before any changes (a refused field changes nothing)."""
+    plans = []
+    for config in configs:
+        updates, warnings = plan_layer_fields(vars(config), keep, old_depth)
+        for warning in warnings:
+            logger.warning("prune: %s", warning)
+        plans.append((config, updates))
+    return plans
+
+
+def _update_module_copies(model: nn.Module, old: dict, new: dict) -> list:
+    """Give modules that copied a per-layer config field (``self.cross_attention_layers = ...``) its new value."""
+    changed = []
+    for name, module in unwrap_model(model).named_modules():
+        for key in _COPIED_FIELDS:
+            if key in new and key in vars(module) and vars(module)[key] == old[key]:
+                setattr(module, key, new[key])
+                changed.append(f"{name}.{key}" if name else key)
+    return changed
 
 
 _RESIDUAL_OUTPUTS = ("self_attn.o_proj", "mlp.down_proj")
@@ -156,25 +185,85 @@ def remove_layers(model: nn.Module, remove: Iterable[int], layers_path: Optional
     if bad or len(remove) >= old_depth:
         raise ValueError(f"cannot remove layers {remove} from a model with {old_depth} layers")
     keep = [i for i in range(old_depth) if i not in remove]
+    owner_name, _, attribute = location.name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    plans = _plan_configs(_llm_configs(model, owner), keep, old_depth)
 
     new_layers = nn.ModuleList([location.layers[i] for i in keep])
     for new_index, layer in enumerate(new_layers):
         _renumber(layer, new_index)
     _rescale_depth_scaled(new_layers, len(keep))
-    owner_name, _, attribute = location.name.rpartition(".")
-    owner = model.get_submodule(owner_name) if owner_name else model
     setattr(owner, attribute, new_layers)
-
-    core = unwrap_model(model)
-    configs = {id(core.config): core.config}
-    sub = text_config(core.config)
-    configs.setdefault(id(sub), sub)
-    owner_config = getattr(owner, "config", None)
-    if owner_config is not None:
-        configs.setdefault(id(owner_config), owner_config)
-    for config in configs.values():
-        _fix_config(config, keep, old_depth)
+    for config, updates in plans:
+        old = {key: getattr(config, key) for key in updates}
+        for key, value in updates.items():
+            setattr(config, key, value)
+        copies = _update_module_copies(model, old, updates)
+        if copies:
+            logger.info("prune: updated the copies in %s", ", ".join(copies))
     return keep
+
+
+def _region_layers(core: nn.Module, region: Union[str, Iterable[int], None], depth: int) -> list:
+    """The region in current numbering: as given, else as recorded in the config (empty when none)."""
+    recorded = read_region(core)
+    if region is not None:
+        return select_layers(region, depth)
+    if recorded is None:
+        return []
+    if recorded.num_layers != depth:
+        raise ValueError(
+            f"the recorded region {recorded.layers} is for {recorded.num_layers} layers, model has {depth}"
+        )
+    return recorded.layers
+
+
+def _explicit_removal(remove: Iterable[int], region: list, entry: dict, allow_region: bool, allow_entry: bool) -> list:
+    removed = sorted(set(int(i) for i in remove))
+    inside = sorted(set(removed) & set(region))
+    if inside and not allow_region:
+        raise ValueError(f"layers {inside} are in the visual region {region}; pass allow_region=True")
+    entering = [i for i in removed if i in entry]
+    if entering and not allow_entry:
+        why = "; ".join(f"layer {i}: {entry[i]}" for i in entering)
+        raise ValueError(
+            f"layers {entering} are where visual features enter the LLM ({why}); removing them moves or deletes "
+            "the image input. Pass allow_visual_entry=True (CLI: --allow_visual_entry) to remove them anyway"
+        )
+    return removed
+
+
+def _choose(model: nn.Module, depth: int, remove: Any, scores: Any, region: list, allow: tuple) -> tuple:
+    """Decide: ``(removed layers, metric, visual-entry layers protected)`` in current numbering.
+
+    ``allow``: ``(allow_region, allow_visual_entry)``.
+    """
+    allow_region, allow_entry = allow
+    entry = visual_entry_layers(model)
+    protected = {} if allow_entry else entry
+    scores_by_layer, metric = _scores_and_metric(scores)
+    if isinstance(remove, (int, float)):  # bool too: _count rejects it
+        if not scores_by_layer and _count(remove, depth) > 0:
+            raise ValueError("prune_outside_region needs scores= (from vr_plugin.score_layers) to choose layers")
+        removed = choose_layers_to_remove(scores_by_layer, remove, region, depth, allow_region, protected)
+    else:
+        removed = _explicit_removal(remove, region, entry, allow_region, allow_entry)
+    return removed, metric, protected
+
+
+def _record(core: nn.Module, removed: list, keep: list, depth: int, metric: Any, protected: dict) -> PruningRecord:
+    """The pruning record in original numbering, also across repeated pruning."""
+    previous = read_pruning(core)
+    original_ids = previous.kept if previous is not None and previous.kept else list(range(depth))
+    all_protected = dict(previous.protected) if previous is not None else {}
+    all_protected.update({original_ids[i]: why for i, why in protected.items()})
+    return PruningRecord(
+        original_num_layers=previous.original_num_layers if previous is not None else depth,
+        removed=sorted((previous.removed if previous is not None else []) + [original_ids[i] for i in removed]),
+        kept=[original_ids[i] for i in keep],
+        metric=metric,
+        protected=dict(sorted(all_protected.items())),
+    )
 
 
 def prune_outside_region(
@@ -185,63 +274,41 @@ def prune_outside_region(
     scores: Any = None,
     allow_region: bool = False,
     layers_path: Optional[str] = None,
+    allow_visual_entry: bool = False,
 ) -> PruningRecord:
     """Remove the ``remove`` lowest-scoring decoder layers outside the visual region, in place.
 
     ``region``: a spec or indices (current numbering); by default the region recorded in the model's config
     (``'none'`` if there is none: then any layer may go). ``remove``: a count, a ratio in (0, 1), or explicit
     layer indices. ``scores``: ``{layer: score}`` (higher = more important), a :class:`ScoreReport` or a
-    scores JSON path. Region layers are refused unless ``allow_region``. Returns the pruning record written to
-    the config (removed layers in the *original* numbering, also across repeated pruning).
+    scores JSON path. Region layers are refused unless ``allow_region``; layers where visual features enter
+    (:func:`vr_plugin.locate.visual_entry_layers`: cross-attention, DeepStack targets) unless
+    ``allow_visual_entry``. Returns the pruning record written to the config (removed and protected layers in
+    the *original* numbering, also across repeated pruning).
     """
     core = unwrap_model(model)
-    location = find_decoder_layers(model, layers_path)
-    depth = len(location.layers)
+    depth = len(find_decoder_layers(model, layers_path).layers)
     recorded = read_region(core)
-    if region is None:
-        region_layers = recorded.layers if recorded is not None else []
-    else:
-        region_layers = select_layers(region, depth)
-    if recorded is not None and recorded.num_layers != depth and region is None:
-        raise ValueError(
-            f"the recorded region {recorded.layers} is for {recorded.num_layers} layers, model has {depth}"
-        )
-
-    scores_by_layer, metric = _scores_and_metric(scores)
-    if isinstance(remove, (int, float)):  # bool too: _count rejects it
-        if not scores_by_layer and _count(remove, depth) > 0:
-            raise ValueError("prune_outside_region needs scores= (from vr_plugin.score_layers) to choose layers")
-        removed = choose_layers_to_remove(scores_by_layer, remove, region_layers, depth, allow_region)
-    else:
-        removed = sorted(set(int(i) for i in remove))
-        inside = sorted(set(removed) & set(region_layers))
-        if inside and not allow_region:
-            raise ValueError(f"layers {inside} are in the visual region {region_layers}; pass allow_region=True")
+    region_layers = _region_layers(core, region, depth)
+    allow = (allow_region, allow_visual_entry)
+    removed, metric, protected = _choose(model, depth, remove, scores, region_layers, allow)
     if not removed:
         logger.info("prune_outside_region: nothing to remove")
     keep = remove_layers(model, removed, layers_path) if removed else list(range(depth))
 
-    previous = read_pruning(core)
-    original_ids = previous.kept if previous is not None and previous.kept else list(range(depth))
-    original_depth = previous.original_num_layers if previous is not None else depth
-    all_removed = sorted((previous.removed if previous is not None else []) + [original_ids[i] for i in removed])
-    record = PruningRecord(
-        original_num_layers=original_depth,
-        removed=all_removed,
-        kept=[original_ids[i] for i in keep],
-        metric=metric,
-    )
+    record = _record(core, removed, keep, depth, metric, protected)
     write_pruning(core.config, record)
     if region_layers or recorded is not None:
         new_region = [keep.index(i) for i in region_layers if i in keep]
         spec = recorded.spec if recorded is not None and region is None else str(region)
         write_region(core.config, spec, new_region, len(keep))
     logger.info(
-        "pruned %d layers %s (original numbering %s); %d of %d original layers kept",
+        "pruned %d layers %s; removed in all (original numbering) %s; %d of %d original layers kept%s",
         len(removed),
         removed,
-        [original_ids[i] for i in removed],
+        record.removed,
         len(keep),
-        original_depth,
+        record.original_num_layers,
+        f"; visual-entry layers {sorted(record.protected)} protected" if protected else "",
     )
     return record

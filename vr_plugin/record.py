@@ -3,7 +3,8 @@
 ``config.json`` of every checkpoint carries::
 
     "visual_region": {"spec": "uniform_0.25", "layers": [1, 5, ...], "num_layers": 32}
-    "layer_pruning": {"original_num_layers": 32, "removed": [2, 3], "kept": [0, 1, 4, ...]}
+    "layer_pruning": {"original_num_layers": 32, "removed": [2, 3], "kept": [0, 1, 4, ...],
+                      "protected": {"3": "cross-attention layer: ..."}}
 
 Layer indices in ``visual_region`` always use the model's *current* numbering;
 after pruning they are remapped, and ``layer_pruning`` keeps the original ones.
@@ -58,6 +59,7 @@ class PruningRecord:
     removed: list
     kept: list = field(default_factory=list)
     metric: Optional[str] = None
+    protected: dict = field(default_factory=dict)  # visual-entry layers kept from pruning -> why
 
     @classmethod
     def from_dict(cls, data: dict) -> PruningRecord:
@@ -66,6 +68,7 @@ class PruningRecord:
             removed=[int(i) for i in data["removed"]],
             kept=[int(i) for i in data.get("kept", [])],
             metric=data.get("metric"),
+            protected={int(k): str(v) for k, v in (data.get("protected") or {}).items()},
         )
 
 
