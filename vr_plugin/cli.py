@@ -282,7 +282,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
         remove = select_layers(args.layers, len(find_decoder_layers(model).layers))
     record = prune_outside_region(
-        model, region=args.visual_region, remove=remove, scores=args.scores, allow_region=args.allow_region
+        model,
+        region=args.visual_region,
+        remove=remove,
+        scores=args.scores,
+        allow_region=args.allow_region,
+        allow_visual_entry=args.allow_visual_entry,
     )
     save_model(model, processor, args.output)
     print(
@@ -456,6 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", help="remove exactly these layers instead (indices or slices, e.g. 2,3 or 10:14)")
     p.add_argument(*_flag("visual_region"), help="protect this region instead of the one recorded in the config")
     p.add_argument(*_flag("allow_region"), action="store_true", help="let region layers be removed too")
+    p.add_argument(
+        *_flag("allow_visual_entry"),
+        action="store_true",
+        help="let layers where image features enter the LLM (cross-attention, DeepStack targets) be removed too",
+    )
     p.add_argument(*_flag("output"), "--output_dir", "--output-dir", dest="output", required=True, help="save here")
     p.set_defaults(func=cmd_prune)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .freeze import RegionPlan
@@ -33,6 +33,7 @@ class LayerMap:
     plan: RegionPlan
     recorded: Optional[RegionRecord]
     pruning: Optional[PruningRecord]
+    visual_entry: dict = field(default_factory=dict)
 
     def render(self) -> str:
         """A few lines of text: model, depth, region, depth strip, parameters per group, trainable share."""
@@ -42,8 +43,11 @@ class LayerMap:
             f"LLM depth    {self.num_layers} decoder layers at {self.layers_path}",
             f"region       {plan.spec!r} ({self.spec_source}): "
             f"{len(plan.layers)} layers [{describe_indices(plan.layers)}]",
-            f"depth        {depth_strip(self.num_layers, plan.layers)}   (# region, . frozen; layer 0 left)",
+            f"depth        {depth_strip(self.num_layers, plan.layers, entry=self.visual_entry)}   "
+            f"(# region, . frozen{', v visual entry, V both' if self.visual_entry else ''}; layer 0 left)",
         ]
+        for index, why in self.visual_entry.items():
+            lines.append(f"visual entry layer {index}: {why} (kept by prune)")
         if self.recorded is not None and self.spec_source != "recorded in the config":
             lines.append(f"recorded     {self.recorded.spec!r}: layers [{describe_indices(self.recorded.layers)}]")
         if self.pruning is not None:
@@ -55,10 +59,19 @@ class LayerMap:
         return "\n".join(lines)
 
 
-def depth_strip(num_layers: int, region: list, pruned: Optional[list] = None) -> str:
-    """One character per layer: ``#`` region, ``.`` outside, ``x`` pruned."""
-    region, pruned = set(region), set(pruned or [])
-    return "".join("x" if i in pruned else "#" if i in region else "." for i in range(num_layers))
+def depth_strip(num_layers: int, region: list, pruned: Optional[list] = None, entry: Any = ()) -> str:
+    """One character per layer: ``#`` region, ``.`` outside, ``x`` pruned; ``v`` a visual-entry layer outside the
+    region, ``V`` one inside."""
+    region, pruned, entry = set(region), set(pruned or []), set(entry)
+
+    def mark(i: int) -> str:
+        if i in pruned:
+            return "x"
+        if i in entry:
+            return "V" if i in region else "v"
+        return "#" if i in region else "."
+
+    return "".join(mark(i) for i in range(num_layers))
 
 
 def _config_path(path: str) -> str:
@@ -93,7 +106,7 @@ def layer_map(
     from transformers import AutoConfig
 
     from .freeze import apply_visual_region
-    from .locate import find_decoder_layers
+    from .locate import find_decoder_layers, visual_entry_layers
 
     config = AutoConfig.from_pretrained(_config_path(path))
     recorded = read_region(path) or read_region(config)
@@ -128,4 +141,5 @@ def layer_map(
         plan=plan,
         recorded=recorded,
         pruning=read_pruning(path) or read_pruning(config),
+        visual_entry=visual_entry_layers(config),
     )
