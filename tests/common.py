@@ -97,6 +97,20 @@ def freeze_vision(model) -> None:
             param.requires_grad_(False)
 
 
+def portable_4bit_path(model):
+    """Keep bitsandbytes on its portable 4-bit CPU kernel in eval mode too, and return ``model``.
+
+    On CPUs with AVX512-BF16 (recent Intel Xeon, AMD Zen 4) bitsandbytes repacks 4-bit weights on the first
+    eval-mode, no-grad forward and computes in bfloat16 from then on; other CPUs never do. Tests that compare 4-bit
+    outputs exactly use this so that they hold on every CPU; ``test_4bit_eval_forward_takes_this_cpus_path`` runs
+    the native path.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def forward(model, inputs, **kwargs):
     """``model(**inputs)`` as a first call: Qwen2-VL before transformers 4.52 reuses the previous call's positions."""
     from vr_plugin.score import reset_position_state

@@ -19,7 +19,16 @@ from vr_plugin import (
 from vr_plugin.quant import quantized_layers
 from vr_plugin.tiny import available, build_model, example_inputs
 
-from .common import LlavaSynthetic, changed, collate, forward, freeze_vision, requires_cpu_bnb, snapshot
+from .common import (
+    LlavaSynthetic,
+    changed,
+    collate,
+    forward,
+    freeze_vision,
+    portable_4bit_path,
+    requires_cpu_bnb,
+    snapshot,
+)
 from .test_locate import ARCHS, EXPECTED
 
 peft = pytest.importorskip("peft")
@@ -29,6 +38,9 @@ LLAMA_LINEARS = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "se
     "mlp.down_proj",
 }
 VLMS = [a for a in ("llava", "qwen2_vl") if available(a)]
+# bitsandbytes' CPU kernels need in-features divisible by its 64-element quantization blocks (and, on CPUs with
+# AVX512-BF16, out-features divisible by 32 for the eval-mode repacking): real models are; 4-bit tests use width 64
+BNB_HIDDEN = 64
 
 
 def _lora_modules(model):
@@ -174,7 +186,7 @@ def _quantized_linears(model, path, index):
 def test_qlora_region(tmp_path, arch):
     from vr_plugin import load_quantized, prepare_qlora
 
-    base_dir = _save(build_model(arch), tmp_path / "base")
+    base_dir = _save(build_model(arch, hidden=BNB_HIDDEN), tmp_path / "base")
     model = load_quantized(base_dir, "nf4", dtype=torch.float32)
     wrapped, plan = prepare_qlora(model, "uniform_0.25", r=4, gradient_checkpointing=False)
     core_path = EXPECTED[arch][0]
@@ -192,7 +204,7 @@ def test_qlora_region(tmp_path, arch):
 @requires_cpu_bnb
 @pytest.mark.parametrize("arch", VLMS)
 def test_hybrid_full_region_on_4bit_model(tmp_path, arch):
-    base = build_model(arch)
+    base = build_model(arch, hidden=BNB_HIDDEN)
     base_dir = _save(base, tmp_path / "base")
     model, plan = load_for_region(base_dir, "uniform_0.25", "nf4", dtype=torch.float32)
     assert quantized_layers(model) == {i: i not in (1, 7) for i in range(8)}
@@ -214,10 +226,11 @@ def test_hybrid_full_region_on_4bit_model(tmp_path, arch):
 
     # the hybrid checkpoint reloads as the same hybrid, region in full precision
     model.eval()
+    portable_4bit_path(model)  # the same kernel on every CPU: exact comparisons hold everywhere
     with torch.no_grad():
         trained = forward(model, inputs).logits
     model.save_pretrained(tmp_path / "hybrid")
-    reloaded = type(base).from_pretrained(tmp_path / "hybrid").eval()
+    reloaded = portable_4bit_path(type(base).from_pretrained(tmp_path / "hybrid").eval())
     assert quantized_layers(reloaded) == quantized_layers(model)
     with torch.no_grad():
         assert torch.allclose(forward(reloaded, inputs).logits, trained, atol=1e-5)
@@ -241,7 +254,7 @@ def test_region_trainer_trains_a_hybrid_model(tmp_path):
 
     from vr_plugin import RegionTrainer
 
-    base_dir = _save(build_model("llava"), tmp_path / "base")
+    base_dir = _save(build_model("llava", hidden=BNB_HIDDEN), tmp_path / "base")
     model, _ = load_for_region(base_dir, "uniform_0.25", "nf4", dtype=torch.float32)
     freeze_vision(model)
     args = TrainingArguments(
@@ -262,8 +275,30 @@ def test_region_trainer_trains_a_hybrid_model(tmp_path):
 
 
 @requires_cpu_bnb
+@pytest.mark.parametrize("arch", VLMS)
+def test_4bit_eval_forward_takes_this_cpus_path(tmp_path, arch):
+    """The eval-mode, no-grad 4-bit forward as inference runs it: on AVX512-BF16 CPUs bitsandbytes repacks the
+    weights and computes in bfloat16, elsewhere it keeps its portable kernel; both agree to bfloat16 precision."""
+    base_dir = _save(build_model(arch, hidden=BNB_HIDDEN), tmp_path / "base")
+    model, _ = load_for_region(base_dir, "uniform_0.25", "nf4", dtype=torch.float32)
+    inputs = example_inputs(model.config, labels=False)
+    model.eval()
+    with torch.no_grad():
+        native = forward(model, inputs).logits  # repacks on such CPUs
+        again = forward(model, inputs).logits  # the repacked weights serve every later call
+    portable, _ = load_for_region(base_dir, "uniform_0.25", "nf4", dtype=torch.float32)
+    with torch.no_grad():
+        reference = forward(portable_4bit_path(portable.eval()), inputs).logits
+    assert torch.isfinite(native).all() and torch.equal(native, again)
+    assert torch.allclose(native, reference, atol=2e-2, rtol=2e-2)
+    model.save_pretrained(tmp_path / "saved")  # saving after the eval forward unpacks the weights again
+    reloaded = type(build_model(arch)).from_pretrained(tmp_path / "saved")
+    assert quantized_layers(reloaded) == {i: i not in (1, 7) for i in range(8)}
+
+
+@requires_cpu_bnb
 def test_hybrid_int8_loads_and_runs(tmp_path):
-    base_dir = _save(build_model("llava"), tmp_path / "base")
+    base_dir = _save(build_model("llava", hidden=BNB_HIDDEN), tmp_path / "base")
     model, _ = load_for_region(base_dir, "uniform_0.25", "int8", dtype=torch.float32)
     assert quantized_layers(model) == {i: i not in (1, 7) for i in range(8)}
     assert _quantized_linears(model, EXPECTED["llava"][0], 0) == {"Linear8bitLt"}
@@ -275,14 +310,14 @@ def test_hybrid_int8_loads_and_runs(tmp_path):
 def test_quantized_projector_is_refused(tmp_path):
     from vr_plugin import bnb_config
 
-    base_dir = _save(build_model("llava"), tmp_path / "base")
+    base_dir = _save(build_model("llava", hidden=BNB_HIDDEN), tmp_path / "base")
     everything = bnb_config("nf4", compute_dtype=torch.float32, skip_modules=["lm_head"])
-    model = type(build_model("llava")).from_pretrained(base_dir, quantization_config=everything)
+    model = type(build_model("llava", hidden=BNB_HIDDEN)).from_pretrained(base_dir, quantization_config=everything)
     with pytest.raises(ValueError, match="projector .* is quantized"):
         region_lora_config(model, "uniform_0.25")
 
 
 def test_hybrid_bad_kind(tmp_path):
-    base_dir = _save(build_model("llama"), tmp_path / "base")
+    base_dir = _save(build_model("llama", hidden=BNB_HIDDEN), tmp_path / "base")
     with pytest.raises(ValueError, match="not one of nf4, fp4, int8"):
         load_for_region(base_dir, "uniform_0.25", "int4")

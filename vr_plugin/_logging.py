@@ -7,10 +7,38 @@ import os
 
 _configured = False
 
+# Messages other libraries print on import that read like errors but are not. Each is dropped at its source logger;
+# the README's "Reliability" section explains them once.
+#   bitsandbytes (CPUs with AVX512-BF16): the optional `kernels` package, which would fetch a faster 4-bit CPU
+#     kernel from the hub, is not installed; bitsandbytes' own CPU kernel is used instead.
+#   DeepSpeed: no GPU was found, so its CPU accelerator is used (what this machine has).
+LIBRARY_NOISE = {
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+    "DeepSpeed": "Setting accelerator to CPU",
+}
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_library_noise() -> None:
+    """Drop the known import-time warnings of :data:`LIBRARY_NOISE` (idempotent; other messages pass)."""
+    for name, prefix in LIBRARY_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropMessage(prefix))
+
 
 def setup_logging() -> logging.Logger:
     """Give the ``vr_plugin`` logger a stderr handler once (level from ``VR_PLUGIN_LOG_LEVEL``, default INFO)."""
     global _configured
+    quiet_library_noise()
     logger = logging.getLogger("vr_plugin")
     if not _configured:
         _configured = True
