@@ -12,6 +12,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .distributed import check_fsdp
 from .freeze import RegionPlan, apply_visual_region
+from .locate import unwrap_model
 from .record import RegionRecord, check_resume_region, save_region_file
 
 __all__ = ["PLAN_FILE", "RegionFreezeCallback", "optimizer_parameters", "verify_optimizer", "write_plan"]
@@ -180,6 +181,21 @@ class RegionFreezeCallback(TrainerCallback):
         if optimizer is not None:  # Trainer(optimizers=(opt, sched)) built it before us
             _drop_frozen(optimizer, getattr(args, "world_size", 1))
 
+    def check_resumed_weights(self, args: Any, state: Any, model: Any) -> None:
+        """Raise :class:`vr_plugin.resume.ResumeError` if the trained parameters did not come back on resume.
+
+        Skipped where an engine restores its own state (DeepSpeed, FSDP) and for adapter checkpoints (peft).
+        """
+        from .resume import resumed_checkpoint, verify_resumed_weights
+
+        checkpoint = resumed_checkpoint(args, state.global_step)
+        if checkpoint is None or model is None or getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+            return
+        core = unwrap_model(model)
+        trained = [n for n, p in core.named_parameters() if p.requires_grad]
+        if not hasattr(core, "peft_config") and trained:
+            verify_resumed_weights(core, checkpoint, trained)
+
     def check_resume(self, args: Any) -> None:
         """Raise ``ValueError`` if a checkpoint this run would resume from was trained with another region."""
         for checkpoint in _resume_candidates(args):
@@ -193,6 +209,7 @@ class RegionFreezeCallback(TrainerCallback):
                 _drop_frozen(optimizer, getattr(args, "world_size", 1))
         if state.global_step > 0:  # resumed from a checkpoint named only in trainer.train(resume_from_checkpoint=...)
             self.check_resume(args)
+            self.check_resumed_weights(args, state, model)
         if optimizer is not None:
             verify_optimizer(optimizer, self.plan, model)
         else:

@@ -21,12 +21,29 @@ from .freeze import RegionPlan, apply_visual_region
 from .locate import find_decoder_layers, map_parameters
 from .spec import select_layers
 
-__all__ = ["QUANT_KINDS", "bnb_config", "load_quantized", "load_for_region", "model_class_for", "quantized_layers"]
+__all__ = [
+    "QUANT_KINDS",
+    "bnb_config",
+    "is_quant_state_key",
+    "load_quantized",
+    "load_for_region",
+    "model_class_for",
+    "quantized_layers",
+]
 
 logger = logging.getLogger(__name__)
 
 QUANT_KINDS = ("nf4", "fp4", "int8")
 _BNB_TYPES = ("Linear4bit", "Linear8bitLt")
+# What bitsandbytes stores beside a quantized weight in a state dict (its quantization state, not a parameter).
+_QUANT_STATE_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".SCB", ".weight_format")
+
+
+def is_quant_state_key(key: str) -> bool:
+    """Whether a state-dict ``key`` is bitsandbytes' quantization state of a weight (``...weight.absmax``, ...)."""
+    return key.endswith(_QUANT_STATE_SUFFIXES) or ".quant_state.bitsandbytes__" in key
+
+
 _NEW_DTYPE_KWARG = version.parse(transformers.__version__) >= version.parse("4.56")
 
 

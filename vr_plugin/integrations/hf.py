@@ -232,11 +232,45 @@ def _hybrid_quantized_allowed() -> Iterator[None]:
         trainer_module.validate_quantization_for_training = check
 
 
+@contextlib.contextmanager
+def _runtime_layout(model: Any) -> Iterator[None]:
+    """Make ``model.save_pretrained`` keep the runtime parameter names (transformers >= 5 reverts them to the
+    checkpoint's original layout by default, which the Trainer's resume cannot load)."""
+    import functools
+    import inspect
+
+    save = getattr(type(model), "save_pretrained", None)
+    keeps_names = save is None or "save_original_format" not in inspect.signature(save).parameters
+    if keeps_names or hasattr(model, "peft_config"):
+        yield
+        return
+    model.save_pretrained = functools.partial(save, model, save_original_format=False)
+    try:
+        yield
+    finally:
+        del model.save_pretrained
+
+
+def _tied_aliases(model: Any) -> set:
+    """Parameter names that alias another parameter (tied weights): a checkpoint may leave them out."""
+    seen, aliases = set(), set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            aliases.add(name)
+        seen.add(id(param))
+    return aliases
+
+
 class RegionTrainer(Trainer):
     """``Trainer`` whose optimizer gives the projector its own learning rate (``projector_lr``, LLaVA's
     ``mm_projector_lr``) through :func:`vr_plugin.region_param_groups`, and which accepts hybrid models
     (:func:`vr_plugin.load_for_region`: quantized outside the region, full precision inside); otherwise the plain
-    ``Trainer``. ``hybrid`` defaults to "the model is a bitsandbytes model without PEFT adapters"."""
+    ``Trainer``. ``hybrid`` defaults to "the model is a bitsandbytes model without PEFT adapters".
+
+    Its ``checkpoint-*`` directories keep the runtime parameter names, so ``resume_from_checkpoint`` restores the
+    weights exactly (with the plain Trainer of transformers 5 they do not come back); a checkpoint that loads only
+    partially stops the run with the missing and unexpected keys named, instead of a warning.
+    """
 
     def __init__(
         self, *args: Any, projector_lr: Optional[float] = None, hybrid: Optional[bool] = None, **kwargs: Any
@@ -261,6 +295,35 @@ class RegionTrainer(Trainer):
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        self._writing_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._writing_checkpoint = False
+
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+        if not getattr(self, "_writing_checkpoint", False):  # the final model keeps the hub's original layout
+            return super()._save(output_dir, state_dict)
+        with _runtime_layout(self.model):
+            return super()._save(output_dir, state_dict)
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        from ..quant import is_quant_state_key
+        from ..resume import ResumeError
+
+        aliases = _tied_aliases(self.model)
+        missing = [k for k in load_result.missing_keys if k not in aliases]
+        unexpected = [k for k in load_result.unexpected_keys if not is_quant_state_key(k)]  # frozen 4-bit layers
+        if missing or unexpected:
+            raise ResumeError(
+                f"the checkpoint's weights do not match the model: {len(missing)} missing keys "
+                f"{missing[:3]}{' ...' if len(missing) > 3 else ''}, {len(unexpected)} unexpected keys "
+                f"{unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}; resume from a checkpoint this model's "
+                "training wrote (vr-plugin train / vr_plugin.RegionTrainer), or start without --resume_from_checkpoint"
+            )
+        super()._issue_warnings_after_load(load_result)
 
 
 def _local_path(path: str) -> str:
@@ -320,6 +383,7 @@ def train(config: RegionTrainingConfig, args: Any, *, print_logs: bool = True) -
     dataset = ConversationDataset(
         config.data, config.images, processor, max_length=config.max_length, cache=config.cache_data
     )
+    transformers.set_seed(args.seed)  # before the model: LoRA's random init is then the same in every run
     model = _load_for_training(config)
     options: dict = dict(
         tune_vision_tower=config.tune_vision_tower,
