@@ -290,3 +290,35 @@ def test_scoring_memory_does_not_grow_with_depth():
     assert peak["32:score"] - peak["8:score"] < hidden_state_mib, peak
     # the control, which keeps every hidden state, does grow: this test can fail
     assert peak["32:hidden_states"] - peak["8:hidden_states"] > 10 * hidden_state_mib, peak
+
+
+def _scores_file(model, path, values):
+    """A scores JSON of ``model`` (with its identity) holding ``values`` ({layer: score})."""
+    from vr_plugin.record import model_identity
+    from vr_plugin.score import ScoreReport, save_scores
+
+    report = ScoreReport("bi", dict(values), len(values), identity=model_identity(model.config))
+    return save_scores(str(path), report)
+
+
+def test_scores_of_another_model_are_refused(tmp_path):
+    twelve = build_model("llava", num_layers=12)
+    foreign = _scores_file(twelve, tmp_path / "twelve.json", {i: float(i) for i in range(12)})
+    model = _model("llava")
+    with pytest.raises(
+        ValueError, match=r"belong to another model \(fingerprint \w+, 12 original layers\) than this one"
+    ):
+        prune_outside_region(model, remove=2, scores=foreign)
+    with pytest.raises(ValueError, match="cover layers up to 11, but this model has 8 layers"):
+        prune_outside_region(model, remove=2, scores={i: float(i) for i in range(12)})
+    assert len(find_decoder_layers(model).layers) == 8
+
+
+def test_scores_follow_the_original_numbering_on_a_pruned_model(tmp_path):
+    model = _model("llava")
+    scores = {0: 5.0, 1: 9.0, 2: 0.1, 3: 0.2, 4: 3.0, 5: 0.3, 6: 4.0, 7: 9.0}  # of the unpruned model
+    path = _scores_file(model, tmp_path / "scores.json", scores)
+    assert prune_outside_region(model, remove=1, scores=path).removed == [2]  # current = original numbering
+    # now current layer 2 is original 3: the next-lowest by original numbering is 3 (0.2), then 5 (0.3)
+    record = prune_outside_region(model, remove=2, scores=path)
+    assert record.removed == [2, 3, 5] and record.kept == [0, 1, 4, 6, 7]

@@ -38,19 +38,51 @@ _INDEX_ATTRIBUTES = ("layer_idx", "layer_id", "layer_index")
 _COPIED_FIELDS = INDEX_LISTS + PER_LAYER  # fields a module may keep its own copy of
 
 
-def _scores_and_metric(scores: Any) -> tuple:
-    """``({layer: score}, metric name or None)`` from a dict, a ScoreReport or a scores JSON path."""
+def _scores_and_metric(scores: Any, model: Optional[nn.Module] = None) -> tuple:
+    """``({layer: score}, metric name or None)`` in ``model``'s current numbering, from a dict, a ScoreReport or a
+    scores JSON path; scores of another model (or of another depth) are refused, naming both."""
     if scores is None:
         return {}, None
+    source = scores if isinstance(scores, str) else "the scores"
     if isinstance(scores, str):
         from .score import load_scores
 
         scores = load_scores(scores)
-    if hasattr(scores, "scores"):
+    if not hasattr(scores, "scores"):
+        by_layer, identity, metric = {int(k): float(v) for k, v in dict(scores).items()}, {}, None
+    else:
         if getattr(scores, "n", 1) != 1:
             raise ValueError(f"these are {scores.n}-layer block scores; prune with per-layer scores (n=1)")
-        return dict(scores.scores), scores.metric
-    return {int(k): float(v) for k, v in dict(scores).items()}, None
+        by_layer, identity, metric = dict(scores.scores), getattr(scores, "identity", {}), scores.metric
+    if model is None:
+        return by_layer, metric
+    return _match_scores(by_layer, identity, model, source), metric
+
+
+def _match_scores(by_layer: dict, identity: dict, model: nn.Module, source: str) -> dict:
+    """Scores of the model they were computed on, mapped to ``model``'s current layers by original numbering."""
+    from .record import model_identity
+
+    mine = model_identity(unwrap_model(model).config)
+    depth = len(mine["layer_ids"])
+    if not identity:  # a plain dict or an older scores file: only the depth can be checked
+        extra = sorted(i for i in by_layer if not 0 <= i < depth)
+        if extra:
+            raise ValueError(f"{source} cover layers up to {max(by_layer)}, but this model has {depth} layers")
+        return by_layer
+    if (
+        identity.get("fingerprint") != mine["fingerprint"]
+        or identity.get("original_num_layers") != mine["original_num_layers"]
+    ):
+        raise ValueError(
+            f"{source} belong to another model (fingerprint {identity.get('fingerprint')}, "
+            f"{identity.get('original_num_layers')} original layers) than this one (fingerprint {mine['fingerprint']}, "
+            f"{mine['original_num_layers']} original layers); score this model (vr-plugin score)"
+        )
+    position = {original: j for j, original in enumerate(identity.get("layer_ids", []))}
+    return {
+        i: by_layer[position[o]] for i, o in enumerate(mine["layer_ids"]) if o in position and position[o] in by_layer
+    }
 
 
 def _count(remove: Union[int, float], num_layers: int) -> int:
@@ -241,7 +273,7 @@ def _choose(model: nn.Module, depth: int, remove: Any, scores: Any, region: list
     allow_region, allow_entry = allow
     entry = visual_entry_layers(model)
     protected = {} if allow_entry else entry
-    scores_by_layer, metric = _scores_and_metric(scores)
+    scores_by_layer, metric = _scores_and_metric(scores, model)
     if isinstance(remove, (int, float)):  # bool too: _count rejects it
         if not scores_by_layer and _count(remove, depth) > 0:
             raise ValueError("prune_outside_region needs scores= (from vr_plugin.score_layers) to choose layers")

@@ -53,6 +53,7 @@ class ScoreReport:
     n: int = 1
     tokens: int = 0
     extra: dict = field(default_factory=dict)
+    identity: dict = field(default_factory=dict)  # vr_plugin.record.model_identity of the scored model
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
@@ -222,7 +223,7 @@ def score_layers(
         if reference is None:
             raise ValueError("metric 'weight_change' needs reference= (the base model the trained one started from)")
         scores = _weight_change(model, reference, layers_path)
-        return _finish(ScoreReport(metric, scores, num_layers, model_id, data_description), out)
+        return _finish(ScoreReport(metric, scores, num_layers, model_id, data_description), out, model)
     if batches is None:
         raise ValueError(f"metric {metric!r} needs calibration batches")
     if n < 1 or n > num_layers or (n > 1 and metric != "angular"):
@@ -309,7 +310,7 @@ def score_layers(
         scores = {i: 0.5 * (acc.mean((i, "image")) + acc.mean((i, "text"))) for i in starts}
     report = ScoreReport(metric, scores, num_layers, model_id, data_description, n=n, tokens=seen)
     report.extra["last_token"] = last_token
-    return _finish(report, out)
+    return _finish(report, out, model)
 
 
 def _gather_per_layer(layers: nn.ModuleList) -> list:
@@ -363,7 +364,11 @@ def _token_masks(model, hidden, batch, observer, find_mask, metric, last_token) 
     return types
 
 
-def _finish(report: ScoreReport, out: Optional[str]) -> dict:
+def _finish(report: ScoreReport, out: Optional[str], model: Optional[nn.Module] = None) -> dict:
+    if model is not None and not report.identity:
+        from .record import model_identity
+
+        report.identity = model_identity(unwrap_model(model).config)
     if out:
         save_scores(out, report)
     ranked = sorted(report.scores, key=lambda i: report.scores[i])
@@ -381,6 +386,7 @@ def save_scores(path: str, report: ScoreReport) -> str:
         "model": report.model,
         "data": report.data,
         "tokens": report.tokens,
+        "identity": report.identity,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **report.extra,
     }
@@ -401,6 +407,7 @@ def load_scores(path: str) -> ScoreReport:
         )
         report.n = int(data.get("n", 1))
         report.tokens = int(data.get("tokens", 0))
+        report.identity = dict(data.get("identity") or {})
     except (KeyError, ValueError, TypeError) as error:
         raise ValueError(f"{path} is not a vr_plugin scores file ({error})") from None
     return report
