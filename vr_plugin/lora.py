@@ -34,8 +34,14 @@ _ADAPTER_LAYER_MARKERS = ("base_layer", "lora_A", "lora_B", "lora_embedding_A", 
 
 
 def _is_linear(module: nn.Module) -> bool:
-    """``nn.Linear`` (incl. bitsandbytes Linear4bit/Linear8bitLt, which subclass it) or HF's GPT-2 ``Conv1D``."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    """``nn.Linear`` (incl. bitsandbytes Linear4bit/Linear8bitLt, which subclass it) or HF's GPT-2 ``Conv1D``.
+
+    A Linear subclass with a forward of its own that returns something else (Llama 4's MoE router returns scores
+    and indices) is no LoRA target: peft's wrapper expects one tensor back.
+    """
+    if type(module).__name__ in _QUANTIZED or type(module).__name__ == "Conv1D":
+        return True
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
 class RegionTargets:
@@ -123,6 +129,8 @@ def projector_modules(model: nn.Module) -> list:
         parts = info.name.split(".")
         cut = next(i for i, part in enumerate(parts) if part in PROJECTOR_KEYS)
         name = ".".join(parts[: cut + 1])
+        if name != info.name and isinstance(core.get_submodule(name), nn.ModuleList):  # Qwen3-VL's DeepStack
+            name = ".".join(parts[: cut + 2])  # mergers: one module per entry
         if name != info.name and name not in names:  # a module, not a bare parameter like image_newline
             names.append(name)
     return names

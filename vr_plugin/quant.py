@@ -92,12 +92,17 @@ def bnb_config(
     )
 
 
+def _quantizable(module: nn.Module) -> bool:
+    return type(module) is nn.Linear or type(module).__name__ in _BNB_TYPES
+
+
 def quantized_layers(model: nn.Module, layers_path: Optional[str] = None) -> dict:
     """Per decoder layer: ``True`` if all its linear modules are bitsandbytes-quantized, ``False`` if none is."""
     location = find_decoder_layers(model, layers_path)
     states = {}
     for index, layer in enumerate(location.layers):
-        kinds = {type(m).__name__ in _BNB_TYPES for m in layer.modules() if isinstance(m, nn.Linear)}
+        # plain linear maps only: transformers keeps some Linear subclasses (Llama 4's router) in full precision
+        kinds = {type(m).__name__ in _BNB_TYPES for m in layer.modules() if _quantizable(m)}
         states[index] = kinds.pop() if len(kinds) == 1 else None
     return states
 
@@ -115,11 +120,16 @@ def _dtype_kwargs(dtype: torch.dtype) -> dict:
 
 
 def _full_precision_modules(skeleton: nn.Module, location: Any, region: Iterable[int]) -> list:
-    """Modules kept out of bitsandbytes: the given region layers, projector, vision tower and lm_head."""
+    """Modules kept out of bitsandbytes: the given region layers, projector, vision tower and lm_head.
+
+    A bare parameter of those groups that sits on a module holding the decoder layers too (LLaVA-NeXT's
+    ``model.image_newline``) names no module to keep: keeping ``model`` would keep every layer out.
+    """
     keep = {f"{location.name}.{i}" for i in region}
     for info in map_parameters(skeleton, location):
-        if info.group in ("projector", "vision", "lm_head"):
-            keep.add(info.name.rsplit(".", 1)[0])
+        owner = info.name.rpartition(".")[0]
+        if info.group in ("projector", "vision", "lm_head") and owner and not location.name.startswith(owner + "."):
+            keep.add(owner)
     keep.add("lm_head")
     return sorted(keep)
 

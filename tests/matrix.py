@@ -1,0 +1,85 @@
+"""The architecture matrix: one named row per tiny model family (vr_plugin.tiny), for every test module.
+
+Each :class:`Case` says where the family's LLM layers are, which parameters form the projector and the vision tower,
+which decoder layers are where visual features enter, and what the family can do here (a processor that builds
+locally, so ``vr-plugin train`` runs on it). Paths are those of transformers >= 4.52; :func:`cases` skips a family
+the installed transformers does not have (or builds differently).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from vr_plugin.tiny import available
+
+from .common import NEW_HF_LAYOUT
+
+L = "model.language_model.layers"
+QWEN3_PROJECTOR = ("model.visual.merger.", "model.visual.deepstack_merger_list.")  # DeepStack's mergers project too
+
+
+@dataclass(frozen=True)
+class Case:
+    """One architecture of the matrix."""
+
+    name: str  # vr_plugin.tiny architecture
+    layers: str  # the LLM's decoder layers
+    projector: tuple  # parameter-name prefixes of the multimodal projector
+    vision: str  # parameter-name prefix of the vision tower
+    entry: tuple = ()  # visual-entry layers of the tiny model (8 layers): protected from pruning
+    processor: bool = False  # vr_plugin.tiny.save_tiny_lvlm builds it: `vr-plugin train` runs end to end
+    forward: bool = True  # the model's own forward runs (else tests drive its language model alone)
+
+    def region_names(self, names, layers=(1, 7)) -> set:
+        """Of ``names``, those inside decoder layers ``layers``."""
+        return {n for n in names if n.startswith(tuple(f"{self.layers}.{i}." for i in layers))}
+
+    def projector_names(self, names) -> set:
+        return {n for n in names if n.startswith(self.projector)}
+
+
+CASES = {
+    case.name: case
+    for case in (
+        Case("llava", L, ("model.multi_modal_projector.",), "model.vision_tower.", processor=True),
+        Case(
+            "llava_next",
+            L,
+            ("model.multi_modal_projector.", "model.image_newline"),
+            "model.vision_tower.",
+            processor=True,
+        ),
+        Case("llava_onevision", L, ("model.multi_modal_projector.", "model.image_newline"), "model.vision_tower."),
+        Case("qwen2_vl", L, ("model.visual.merger.",), "model.visual.", processor=True),
+        Case("qwen2_5_vl", L, ("model.visual.merger.",), "model.visual.", processor=True),
+        Case("idefics3", "model.text_model.layers", ("model.connector.",), "model.vision_model."),
+        Case("paligemma", L, ("model.multi_modal_projector.",), "model.vision_tower."),
+        Case("gemma3", L, ("model.multi_modal_projector.",), "model.vision_tower.", processor=True),
+        Case("mllama", L, ("model.multi_modal_projector.",), "model.vision_model.", entry=(3, 6), processor=True),
+        Case("qwen3_vl", L, QWEN3_PROJECTOR, "model.visual.", entry=(0, 1), processor=True),
+        Case("qwen3_vl_moe", L, QWEN3_PROJECTOR, "model.visual.", entry=(0, 1), processor=True),
+        Case("internvl", L, ("model.multi_modal_projector.",), "model.vision_tower.", processor=True),
+        Case("smolvlm", "model.text_model.layers", ("model.connector.",), "model.vision_model."),
+        Case("mistral3", L, ("model.multi_modal_projector.",), "model.vision_tower."),
+        Case("glm4v", L, ("model.visual.merger.",), "model.visual.", processor=True),
+        Case("aya_vision", L, ("model.multi_modal_projector.",), "model.vision_tower.", processor=True),
+        # Llama4ForConditionalGeneration.forward raises in transformers 5.24 (it reads `image_outputs` from its
+        # language model's output); everything but that forward is tested, its language model forwards alone
+        Case("llama4", "language_model.model.layers", ("multi_modal_projector.",), "vision_model.", forward=False),
+    )
+}
+
+
+def cases(*names: str, where=None) -> list:
+    """``pytest.param`` per case (all, or ``names``; filtered by ``where(case)``), skipped where unavailable."""
+    chosen = [CASES[n] for n in names] if names else list(CASES.values())
+    if where is not None:
+        chosen = [c for c in chosen if where(c)]
+
+    def skip(case: Case) -> pytest.MarkDecorator:
+        missing = not available(case.name) or not NEW_HF_LAYOUT  # the paths above are transformers >= 4.52's
+        return pytest.mark.skipif(missing, reason="not in this transformers (or its pre-4.52 layout)")
+
+    return [pytest.param(c, id=c.name, marks=skip(c)) for c in chosen]
