@@ -16,11 +16,13 @@ found through the template: an assistant turn's tokens run from the end of the p
 ``add_generation_prompt=True`` to the end of the conversation rendered through that turn (less trailing
 whitespace), so the answer and the end-of-turn token the template writes after it are learnt, and nothing else.
 :func:`collate` pads a list of such samples into a batch; :func:`prompt_inputs` encodes a prompt for ``generate``
-and :func:`calibration_batches` the human turns of a file for layer scoring.
+and :func:`calibration_batches` the human turns of a file for layer scoring.  :func:`validate_conversations` checks
+a file and opens every image it names before any model loads; its records can be passed to all of these.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -40,6 +42,7 @@ __all__ = [
     "load_processor",
     "prompt_inputs",
     "to_messages",
+    "validate_conversations",
 ]
 
 logger = logging.getLogger(__name__)
@@ -47,14 +50,18 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 IMAGE_MARKER = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-# token-level keys of a sample and the value they are padded with (None: the pad token id)
+# token-level keys of a sample (the sequence is their first dimension) and the value they are padded with (None: the
+# pad token id); Mllama's cross_attention_mask is [sequence, image, tile]
 TOKEN_KEYS = {
     "input_ids": None,
     "attention_mask": 0,
     "labels": IGNORE_INDEX,
     "mm_token_type_ids": 0,
     "token_type_ids": 0,
+    "cross_attention_mask": 0,
 }
+# Mllama's image-level keys: one row per sample ([1, image, tile, ...]) rather than one per image
+PER_SAMPLE_IMAGE_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
 
 
 # ----------------------------------------------------------------------------------------------------- records
@@ -144,26 +151,129 @@ def _messages(record: dict, name: str) -> list:
     return messages
 
 
+def _read_jsonl(path: str, handle: Any) -> tuple:
+    """The records of a ``.jsonl`` file (blank lines skipped) and the line number of each."""
+    records, lines = [], []
+    for number, line in enumerate(handle, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} line {number}: not valid JSON ({error.msg} at column {error.colno})") from None
+        lines.append(number)
+    return records, lines
+
+
+def _read_records(path: str) -> tuple:
+    """``(records, line numbers)`` of a LLaVA-format file: a ``.json`` list (no line numbers) or ``.jsonl``."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            if path.endswith(".jsonl"):
+                return _read_jsonl(path, handle)
+            text = handle.read()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    if not text.strip():
+        raise ValueError(f"conversation file {path} is empty; expected a JSON list of LLaVA records")
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON: {error}") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of LLaVA records, got a {type(records).__name__}")
+    return records, []
+
+
+def _check_records(path: str, records: list, lines: list) -> None:
+    """Validate every record's structure; ``ValueError`` naming the file (and line of a ``.jsonl``) and record."""
+    for index, record in enumerate(records):
+        where = f"{path} line {lines[index]}" if lines else path
+        _messages(record, f"{where}: {_name(record, index)}")
+
+
 def load_conversations(path: str) -> list:
     """Read a LLaVA-format ``.json`` list (or ``.jsonl``, one record a line) and validate every record.
 
-    Raises ``ValueError`` naming the file, the record (its ``id``, else its index) and the bad field.
+    Raises ``ValueError`` naming the file (a ``.jsonl``'s line), the record (its ``id``, else its index) and the bad
+    field.  Images are not looked at: :func:`validate_conversations` does that too.
     """
-    with open(path, encoding="utf-8") as handle:
-        try:
-            if path.endswith(".jsonl"):
-                records = [json.loads(line) for line in handle if line.strip()]
-            else:
-                records = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ValueError(
-                f"{path}: not valid {'JSON lines' if path.endswith('.jsonl') else 'JSON'}: {error}"
-            ) from None
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of LLaVA records, got a {type(records).__name__}")
-    for index, record in enumerate(records):
-        _messages(record, f"{path}: {_name(record, index)}")
+    records, lines = _read_records(path)
+    _check_records(path, records, lines)
     return records
+
+
+def _record_label(record: Any, index: int, path: str, lines: list) -> str:
+    """How :func:`validate_conversations` names a record: ``record 3 (id 'q17') of train.json``."""
+    ident = f" (id {record['id']!r})" if isinstance(record, dict) and "id" in record else ""
+    line = f" (line {lines[index]})" if lines else ""
+    return f"record {index}{ident} of {path}{line}"
+
+
+def _unreadable(path: str) -> Optional[str]:
+    """Why PIL cannot read the image file ``path`` (``Image.open(...).verify()``), or None when it can."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except UnidentifiedImageError:
+        return "cannot identify image file"
+    except Exception as error:  # a corrupt file raises anything: SyntaxError, OSError, struct.error, ...
+        return str(error) or type(error).__name__
+    return None
+
+
+def _image_error(record: dict, where: str, image_folder: Optional[str], seen: dict) -> Optional[Exception]:
+    """The error for the first missing or unreadable image of ``record``, or None; ``seen`` caches checked paths."""
+    for name in record_images(record, where):
+        path = os.path.join(image_folder or "", name)
+        if path not in seen:
+            seen[path] = "missing" if not os.path.isfile(path) else _unreadable(path)
+        if seen[path] == "missing":
+            folder = f"image folder {image_folder!r}" if image_folder else "no image folder given"
+            return FileNotFoundError(f"{where}: image {name!r} does not exist ({path!r}; {folder})")
+        if seen[path] is not None:
+            return ValueError(f"{where}: image {name!r} is not a readable image ({seen[path]})")
+    return None
+
+
+def validate_conversations(path: str, image_folder: Optional[str], skip_bad_images: bool = False) -> tuple[list, int]:
+    """Read and check a LLaVA-format file and every image it names, before any model loads.
+
+    Returns ``(records, skipped)``: the records to use (pass them on to :class:`ConversationDataset`,
+    :func:`calibration_batches` or :func:`vr_plugin.evaluate.evaluate`) and how many were left out.  Raises
+    ``FileNotFoundError`` for a missing file, folder or image and ``ValueError`` for a bad file, record or image, naming
+    the record (its 0-based index and ``id``) and the image.  With ``skip_bad_images`` records whose image is missing
+    or unreadable are left out instead (counted in ``skipped``); it is still an error if that leaves none.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"conversation file {path!r} does not exist")
+    if image_folder is not None and not os.path.isdir(image_folder):
+        raise FileNotFoundError(f"image folder {image_folder!r} does not exist")
+    records, lines = _read_records(path)
+    if not records:
+        raise ValueError(f"conversation file {path} holds no records")
+    _check_records(path, records, lines)
+    kept: list = []
+    errors: list = []
+    seen: dict = {}
+    for index, record in enumerate(records):
+        error = _image_error(record, _record_label(record, index, path, lines), image_folder, seen)
+        if error is None:
+            kept.append(record)
+        elif not skip_bad_images:
+            raise error
+        else:
+            if len(errors) < 5:  # a few, so that a wrong image folder does not flood the log
+                logger.info("skipping %s", error)
+            errors.append(error)
+    if not kept:
+        raise ValueError(
+            f"all {len(records)} records of {path} have a missing or unreadable image, so none is left "
+            f"(the first: {errors[0]}); check the image folder"
+        )
+    return kept, len(errors)
 
 
 def _load_image(path: str, where: str) -> Any:
@@ -187,16 +297,32 @@ def image_only_processor_class(cls: type) -> type:
 
     transformers >= 5 builds Qwen2-VL-family video processors on torchvision only, and their processors cannot be
     made without one.  The subclass keeps ``cls``'s name (so what it saves loads back as ``cls``), and is kept in
-    this module's namespace so that it pickles (DataLoader workers).
+    this module's namespace so that it pickles (DataLoader workers).  It keeps ``cls``'s other ``__init__``
+    arguments (InternVL's ``image_seq_length``) through ``save_pretrained``, which saves the arguments the
+    ``__init__`` signature names, and ``from_pretrained``, which passes on those ``validate_init_kwargs`` accepts.
     """
     qualname = f"_ImageOnly{cls.__name__}"
     if qualname in globals():
         return globals()[qualname]
+    signature = inspect.signature(cls.__init__)
+    parameters = [p for name, p in signature.parameters.items() if name != "video_processor"]
+    own = tuple(p.name for p in parameters[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
     def __init__(self: Any, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None, **kw: Any):
-        cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kw)
+        cls.__init__(self, image_processor, tokenizer, video_processor=None, chat_template=chat_template, **kw)
 
-    subclass = type(cls.__name__, (cls,), {"__init__": __init__, "__module__": __name__, "__qualname__": qualname})
+    __init__.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+
+    def validate_init_kwargs(processor_config: dict, valid_kwargs: Sequence[str]) -> tuple:
+        return cls.validate_init_kwargs(processor_config=processor_config, valid_kwargs=(*valid_kwargs, *own))
+
+    body = {
+        "__init__": __init__,
+        "validate_init_kwargs": staticmethod(validate_init_kwargs),
+        "__module__": __name__,
+        "__qualname__": qualname,
+    }
+    subclass = type(cls.__name__, (cls,), body)
     globals()[qualname] = subclass
     return subclass
 
@@ -227,8 +353,20 @@ def _tokenizer(processor: Any) -> Any:
 
 
 def _image_token_ids(processor: Any) -> list:
-    ids = [getattr(processor, "image_token_id", None), getattr(processor, "video_token_id", None)]
-    return [i for i in ids if i is not None]
+    """The ids of the tokens that stand for an image or a video in the processor's encodings.
+
+    The processor's ``image_token_id`` / ``video_token_id`` and its tokenizer's: they differ where the processor's
+    is not the token the model counts (Gemma 3's is ``<start_of_image>``; the model counts the tokenizer's
+    ``<image_soft_token>``).  Plus the added tokens among transformers >= 5's ``image_token_ids`` and
+    ``video_token_ids``, which also name begin/end-of-image tokens (InternVL's ``<img>``, Aya Vision's
+    ``<|START_OF_IMG|>``; Aya Vision's also the text word ``TILE``, left out as it is no added token).
+    """
+    tokenizer = _tokenizer(processor)
+    named = [getattr(o, f"{kind}_token_id", None) for o in (processor, tokenizer) for kind in ("image", "video")]
+    listed = [i for kind in ("image", "video") for i in getattr(processor, f"{kind}_token_ids", None) or ()]
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    ids = [i for i in named if isinstance(i, int)] + [i for i in listed if isinstance(i, int) and i in added]
+    return sorted(set(ids))
 
 
 def _encode_text(processor: Any, text: str, images: list) -> dict:
@@ -289,8 +427,9 @@ def encode_conversation(
 ) -> dict:
     """One conversation as the processor's outputs plus ``labels`` (-100 but on the assistant turns).
 
-    Token-level tensors (``input_ids``, ``attention_mask``, ``labels``, ``mm_token_type_ids``) are 1-D; image-level
-    ones (``pixel_values``, ``image_sizes``, ``image_grid_thw``) keep their leading image (or patch) dimension.
+    Token-level tensors (``input_ids``, ``attention_mask``, ``labels``, ``mm_token_type_ids``) are 1-D (Mllama's
+    ``cross_attention_mask`` is [sequence, image, tile]); image-level ones (``pixel_values``, ``image_sizes``,
+    ``image_grid_thw``) keep their leading image (or patch) dimension (Mllama's their batch dimension).
     ``max_length`` truncates from the right, but never into the image placeholder tokens: that raises instead.
     """
     images = list(images)
@@ -322,7 +461,8 @@ def encode_conversation(
 class ConversationDataset(torch.utils.data.Dataset):
     """LLaVA-format records encoded on the fly by ``processor`` (see :func:`encode_conversation`).
 
-    ``records`` is a list of records or the path of a LLaVA-format file; image names are relative to
+    ``records`` is a list of records (e.g. those :func:`validate_conversations` returns: the file is not read
+    again; ``source`` then names it in errors) or the path of a LLaVA-format file; image names are relative to
     ``image_folder``.  Every record is validated, and every image file looked for, up front.  With ``cache`` each
     sample is kept in memory after it is first encoded (small data sets trained for several epochs).
     """
@@ -334,14 +474,16 @@ class ConversationDataset(torch.utils.data.Dataset):
         processor: Any,
         max_length: Optional[int] = None,
         cache: bool = False,
+        source: Optional[str] = None,
     ):
         self.records = load_conversations(records) if isinstance(records, str) else list(records)
+        self.source = source
         self.image_folder = image_folder
         self.processor = processor
         self.max_length = max_length
         self._cache: Optional[dict] = {} if cache else None
         for index, record in enumerate(self.records):
-            name = _name(record, index)
+            name = self._name(record, index)
             if not any(m["role"] == "assistant" for m in _messages(record, name)):
                 raise ValueError(f"{name}: field 'conversations' has no gpt turn to learn from")
             for path in _image_paths(record, image_folder):
@@ -350,6 +492,10 @@ class ConversationDataset(torch.utils.data.Dataset):
                         f"{name}: field 'image' names {path!r}, which does not exist (image_folder={image_folder!r})"
                     )
 
+    def _name(self, record: Any, index: int) -> str:
+        """A record as errors name it: by ``id`` (else index), after the file it came from when that is known."""
+        return f"{self.source}: {_name(record, index)}" if self.source else _name(record, index)
+
     def __len__(self) -> int:
         return len(self.records)
 
@@ -357,7 +503,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         if self._cache is not None and index in self._cache:
             return self._cache[index]
         record = self.records[index]
-        name = _name(record, index)
+        name = self._name(record, index)
         images = [_load_image(path, name) for path in _image_paths(record, self.image_folder)]
         sample = encode_conversation(self.processor, _messages(record, name), images, self.max_length, name)
         if self._cache is not None:
@@ -368,23 +514,53 @@ class ConversationDataset(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------------- batches
 
 
-def _pad_to(tensor: torch.Tensor, shape: Sequence[int], value: Any) -> torch.Tensor:
+def _pad_to(tensor: torch.Tensor, shape: Sequence[int], value: Any, left: bool = False) -> torch.Tensor:
+    """``tensor`` padded with ``value`` to ``shape``: at the end of every dimension, or of the first on the left."""
     if tuple(tensor.shape) == tuple(shape):
         return tensor
     out = tensor.new_full(tuple(shape), value)
-    out[tuple(slice(0, n) for n in tensor.shape)] = tensor
+    index = [slice(0, n) for n in tensor.shape]
+    if left:
+        index[0] = slice(shape[0] - tensor.shape[0], shape[0])
+    out[tuple(index)] = tensor
     return out
+
+
+def _stack_tokens(features: Sequence[dict], key: str, pad: Any, length: int, left: bool) -> torch.Tensor:
+    """The token-level ``key`` of every sample padded to ``length`` (and to the largest trailing dimensions), stacked.
+
+    A sample without ``key`` (Mllama's ``cross_attention_mask`` of a text-only sample) gets a row of ``pad``.
+    """
+    present = [torch.as_tensor(f[key]) for f in features if key in f]
+    empty = present[0].new_empty((0, *(0 for _ in present[0].shape[1:])))
+    rows = [torch.as_tensor(f[key]) if key in f else empty for f in features]
+    rows = [_pad_to(row, (len(f["input_ids"]), *row.shape[1:]), pad) for row, f in zip(rows, features)]
+    trailing = [max(row.shape[d] for row in rows) for d in range(1, rows[0].dim())]
+    return torch.stack([_pad_to(row, (length, *trailing), pad, left) for row in rows])
+
+
+def _cat_images(features: Sequence[dict], key: str, per_sample: bool) -> torch.Tensor:
+    """The image-level ``key`` of the samples that have it, concatenated along the first dimension (the others
+    zero-padded to the largest).  ``per_sample`` (Mllama): every sample has one row, of no images if it has none."""
+    parts = [torch.as_tensor(f[key]) for f in features if key in f]
+    if per_sample:
+        empty = parts[0].new_zeros((1, 0, *parts[0].shape[2:]))
+        parts = [torch.as_tensor(f[key]) if key in f else empty for f in features]
+    trailing = [max(p.shape[d] for p in parts) for d in range(1, parts[0].dim())]
+    return torch.cat([_pad_to(p, (p.shape[0], *trailing), 0) for p in parts])
 
 
 def collate(features: Sequence[dict], pad_token_id: int, padding_side: str = "right") -> dict:
     """Pad samples of :class:`ConversationDataset` (or :func:`encode_conversation`) into one batch.
 
     Token-level keys are padded on ``padding_side`` (``right`` for training, ``left`` for batched generation;
-    ``input_ids`` with ``pad_token_id``, ``attention_mask`` and ``mm_token_type_ids`` with 0, ``labels`` with -100)
-    and stacked.  Image-level keys are concatenated along their
-    first (image or patch) dimension, as Llava (``pixel_values``), LLaVA-NeXT (``pixel_values`` with a patch
-    dimension, zero-padded to the most patches, and ``image_sizes``) and Qwen2-VL (flattened ``pixel_values`` and
-    ``image_grid_thw``) expect; samples without images just contribute none.
+    ``input_ids`` with ``pad_token_id``, ``labels`` with -100, the others with 0) and stacked; Mllama's
+    ``cross_attention_mask`` ([sequence, image, tile] in a sample) along its sequence and to the most images.
+    Image-level keys are concatenated along their first (image or patch) dimension, as Llava (``pixel_values``),
+    LLaVA-NeXT (``pixel_values`` with a patch dimension, zero-padded to the most patches, and ``image_sizes``) and
+    Qwen2-VL (flattened ``pixel_values`` and ``image_grid_thw``) expect; samples without images just contribute
+    none.  Mllama's have one row per sample: zero-padded to the most images (as ``MllamaProcessor`` pads a batch,
+    a padding image has its first tile in ``aspect_ratio_mask``), a sample without images gets only padding.
     """
     if not features:
         raise ValueError("collate needs at least one sample")
@@ -393,17 +569,14 @@ def collate(features: Sequence[dict], pad_token_id: int, padding_side: str = "ri
     length = max(len(f["input_ids"]) for f in features)
     batch = {}
     for key, value in TOKEN_KEYS.items():
-        if key in features[0]:
+        if any(key in f for f in features):
             pad = pad_token_id if value is None else value
-            rows = [torch.as_tensor(f[key]) for f in features]
-            if padding_side == "left":
-                rows = [torch.cat([row.new_full((length - len(row),), pad), row]) for row in rows]
-            batch[key] = torch.stack([_pad_to(row, (length,), pad) for row in rows])
-    image_keys = [k for k in dict.fromkeys(k for f in features for k in f) if k not in TOKEN_KEYS]
-    for key in image_keys:
-        parts = [torch.as_tensor(f[key]) for f in features if key in f]
-        trailing = [max(p.shape[d] for p in parts) for d in range(1, parts[0].dim())]
-        batch[key] = torch.cat([_pad_to(p, (p.shape[0], *trailing), 0) for p in parts])
+            batch[key] = _stack_tokens(features, key, pad, length, padding_side == "left")
+    per_sample = "cross_attention_mask" in batch
+    for key in dict.fromkeys(k for f in features for k in f if k not in TOKEN_KEYS):
+        batch[key] = _cat_images(features, key, per_sample and key in PER_SAMPLE_IMAGE_KEYS)
+    if per_sample and "aspect_ratio_mask" in batch:
+        batch["aspect_ratio_mask"][:, :, 0] = 1
     return batch
 
 
@@ -468,14 +641,21 @@ def decode_new_tokens(processor: Any, inputs: dict, output_ids: torch.Tensor) ->
 
 
 def calibration_batches(
-    processor: Any, json_path: str, image_folder: Optional[str], batch_size: int = 4, limit: Optional[int] = None
+    processor: Any,
+    json_path: str,
+    image_folder: Optional[str],
+    batch_size: int = 4,
+    limit: Optional[int] = None,
+    *,
+    records: Optional[Sequence[dict]] = None,
 ) -> Iterator[dict]:
     """Collated batches (no labels) of each record's human turns with their images, for layer scoring.
 
     A record's system and human turns are kept (its human turns merged into one user message, a newline apart) and
-    rendered with the generation prompt, as at inference.  ``limit`` caps the number of records.
+    rendered with the generation prompt, as at inference.  ``limit`` caps the number of records.  ``records``: the
+    already read ones of ``json_path`` (:func:`validate_conversations`'s), so that the file is not read again.
     """
-    records = load_conversations(json_path)[:limit]
+    records = (load_conversations(json_path) if records is None else list(records))[:limit]
     pad_token_id = _pad_id(processor)
     for start in range(0, len(records), batch_size):
         features = []
