@@ -291,7 +291,7 @@ def test_projector_learning_rate_group(tmp_path, llava, data):
 
 
 def test_train_bad_inputs(capsys, tmp_path, llava, data):
-    base = ["train", "--model", llava, "--data", data["train"], "--images", data["images"], "--output", tmp_path]
+    base = ["train", "--model", llava, "--data", data["train"], "--images", data["images"], "--output", tmp_path / "o"]
     fails(capsys, "train", "--model", tmp_path / "nope", "--data", data["train"], "--output", tmp_path,
           match=f"model directory '{tmp_path / 'nope'}' does not exist")  # fmt: skip
     fails(capsys, "train", "--model", llava, "--data", tmp_path / "conv.json", "--output", tmp_path,
@@ -312,8 +312,9 @@ def test_train_bad_inputs(capsys, tmp_path, llava, data):
     gone = tmp_path / "gone.json"
     gone.write_text(json.dumps([{"id": "g", "image": "missing.png", "conversations": [
         {"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A"}]}]))  # fmt: skip
-    fails(capsys, *base[:4], gone, *base[5:], match="record 'g': field 'image' names")
-    assert "missing.png" in fails(capsys, *base[:4], gone, *base[5:], match="which does not exist")
+    fails(capsys, *base[:4], gone, *base[5:], match="record 0 (id 'g') of ")
+    assert "missing.png" in fails(capsys, *base[:4], gone, *base[5:], match="image 'missing.png' does not exist")
+    assert not (tmp_path / "o").exists()  # refused before the output was touched
 
 
 def test_missing_optional_dependency_is_one_line(capsys, monkeypatch, tmp_path, llava, data):

@@ -241,3 +241,16 @@ def test_cli_train_eval_score_prune(tmp_path, vqa, case):
     assert len(record.kept) == 6 and not set(record.removed) & ({1, 7} | set(case.entry))
     assert _cli("eval", "--model", pruned, "--data", vqa["test"], "--images", images, "--out", tmp_path / "p.json",
                 "--max_new_tokens", 3) == 0  # fmt: skip
+
+
+@pytest.mark.parametrize("case", cases(where=lambda c: c.entry and c.processor))
+def test_inspect_marks_visual_entry_layers(tmp_path, case, capsys):
+    from vr_plugin.tiny import save_tiny_lvlm
+
+    base = save_tiny_lvlm(case.name, str(tmp_path / "base"))
+    assert _cli("inspect", base) == 0
+    out = capsys.readouterr().out
+    marks = {(False, False): ".", (True, False): "#", (False, True): "v", (True, True): "V"}
+    strip = "".join(marks[(i in (1, 7), i in case.entry)] for i in range(8))
+    assert f"depth        {strip}   (# region, . frozen, v visual entry, V both; layer 0 left)" in out
+    assert all(f"visual entry layer {i}: " in out for i in case.entry)

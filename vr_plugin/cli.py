@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import sys
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from .spec import ACCEPTED_FORMS, describe_indices, select_layers
 
@@ -103,10 +104,48 @@ def _dtype(name: Optional[str]):
     return DTYPES[name]
 
 
-def _load(args: argparse.Namespace) -> tuple:
-    from .integrations.hf import load_model
+def _validated(args: argparse.Namespace) -> list:
+    """The records of ``args.data``, every image opened, before any weights load (``--skip_bad_images`` drops)."""
+    from .data import validate_conversations
 
+    records, skipped = validate_conversations(args.data, args.images, args.skip_bad_images)
+    if skipped:
+        logger.warning("skipped %d records of %s with unreadable images", skipped, args.data)
+    return records
+
+
+def _skip_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        *_flag("skip_bad_images"),
+        action="store_true",
+        help="drop records whose images are missing or unreadable (counted) instead of stopping",
+    )
+
+
+def _writable_file(path: str, flag: str) -> None:
+    """Raise ``CliError`` unless a file can be written at ``path`` (its folder exists, it is no directory)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise CliError(f"{flag} {path!r} is a directory; give a file name")
+    if not os.path.isdir(folder):
+        raise CliError(f"{flag} {path!r}: the folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise CliError(f"{flag} {path!r}: the folder {folder!r} is not writable")
+
+
+def _load(args: argparse.Namespace) -> tuple:
+    from .integrations.hf import check_model_dir, load_model
+    from .outputs import check_complete, check_weight_files
+
+    check_model_dir(args.model)
+    check_complete(args.model)
+    check_weight_files(args.model)
     return load_model(args.model, dtype=_dtype(args.dtype), device=args.device)
+
+
+def _main_process() -> bool:
+    """Rank 0 of a launcher-started run (``torchrun`` / ``deepspeed`` set ``RANK``), or a plain process."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 # ------------------------------------------------------------------------------------------------------ commands
@@ -157,7 +196,8 @@ def cmd_train(args: argparse.Namespace, hf_args: list) -> int:
             f"unrecognized arguments: {' '.join(unused)} (neither a vr-plugin train flag, see --help, nor a "
             "transformers.TrainingArguments one, see --hf_help)"
         )
-    result = train(config, training_args)
+    records = _validated(args)  # every image opened before the output is touched or weights load
+    result = _train_into(args, config, training_args, functools.partial(train, records=records))
     if result.main_process:
         plan, metrics = result.plan, result.metrics
         print(
@@ -168,13 +208,35 @@ def cmd_train(args: argparse.Namespace, hf_args: list) -> int:
     return 0
 
 
+def _train_into(args: argparse.Namespace, config: Any, training_args: Any, train: Any) -> Any:
+    """Run ``train`` writing ``args.output`` safely (:mod:`vr_plugin.outputs`); resumed checkpoints checked first."""
+    from .outputs import check_output, check_weight_files, writing
+
+    resume = training_args.resume_from_checkpoint
+    main = _main_process()
+    if main:
+        check_output(args.output, inputs=[args.model], overwrite=args.overwrite_output_dir, resume=resume)
+    if resume:
+        _existing_dir(resume, "checkpoint")
+        check_weight_files(resume)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # every rank must write the same directory
+    replace = args.overwrite_output_dir and not distributed and not resume
+    with writing(args.output, "vr-plugin train", replace=replace, main_process=main) as target:
+        training_args.output_dir = target
+        result = train(config, training_args)
+    result.output_dir = args.output
+    result.saved = [args.output + path[len(target) :] if path.startswith(target) else path for path in result.saved]
+    return result
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Greedy answers on a question-answer file, scored; predictions JSON written."""
     from .evaluate import evaluate, qa_records
 
     _existing_file(args.data, "question-answer file")
     _existing_dir(args.images, "image folder")
-    qa_records(args.data)  # bad records fail before the model loads
+    records = _validated(args)
+    qa_records(records, source=args.data)  # bad records fail before the model loads
     for flag in ("limit", "batch_size", "max_new_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise CliError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
@@ -183,8 +245,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = evaluate(
         model,
         processor,
-        args.data,
+        records,
         args.images,
+        source=args.data,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         limit=args.limit,
@@ -210,6 +273,16 @@ def cmd_score(args: argparse.Namespace) -> int:
     else:
         _existing_file(args.data, "calibration file")
         _existing_dir(args.images, "image folder")
+    for flag in ("batch_size", "limit", "n"):
+        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
+            raise CliError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    _writable_file(args.out, "--out")  # before scoring, not after
+    records = _validated(args) if args.data is not None else None
+    if args.reference is not None:
+        from .outputs import check_complete, check_weight_files
+
+        check_complete(args.reference)
+        check_weight_files(args.reference)
     model, processor = _load(args)
     batches = None
     if args.metric == "weight_change":
@@ -217,7 +290,9 @@ def cmd_score(args: argparse.Namespace) -> int:
 
         reference, _ = load_model(args.reference, dtype=_dtype(args.dtype), device=args.device)
     else:
-        batches = calibration_batches(processor, args.data, args.images, batch_size=args.batch_size, limit=args.limit)
+        batches = calibration_batches(
+            processor, args.data, args.images, batch_size=args.batch_size, limit=args.limit, records=records
+        )
     score_layers(
         model,
         batches,
@@ -271,6 +346,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise CliError("--remove chooses the lowest-scoring layers: it needs --scores SCORES.json (vr-plugin score)")
     if args.scores is not None:
         _existing_file(args.scores, "scores file")
+    from .outputs import check_output, writing
+
+    check_output(args.output, inputs=[args.model], overwrite=args.overwrite_output_dir)
     model, processor = _load(args)
     if args.visual_region is None and read_region(model) is None:
         logger.warning(
@@ -289,7 +367,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         allow_region=args.allow_region,
         allow_visual_entry=args.allow_visual_entry,
     )
-    save_model(model, processor, args.output)
+    with writing(args.output, "vr-plugin prune", replace=True) as target:
+        save_model(model, processor, target)
     print(
         f"removed layers [{describe_indices(record.removed)}] (original numbering), kept "
         f"{len(record.kept)}/{record.original_num_layers}; saved to {args.output}"
@@ -313,6 +392,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ parser
+
+
+def _overwrite_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        *_flag("overwrite_output_dir"),
+        action="store_true",
+        help="replace a non-empty output directory (written beside it, swapped in when complete)",
+    )
 
 
 def _model_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -382,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="LLaVA-format conversation file (.json or .jsonl)")
     p.add_argument("--images", help="folder the records' image names are relative to")
     p.add_argument(*_flag("output"), "--output_dir", "--output-dir", dest="output", help="where to save (required)")
+    _overwrite_flag(p)
     p.add_argument(*_flag("visual_region"), default="uniform_0.25", help="region spec (default: %(default)s)")
     p.add_argument(*_flag("layers_path"), help="dotted path of the decoder layers, if not found automatically")
     p.add_argument("--lora", action="store_true", help="LoRA adapters on the region layers instead of full weights")
@@ -405,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(*_flag("cache_data"), action="store_true", help="keep encoded samples in memory (small data)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights dtype")
     p.add_argument(*_flag("merge_lora"), action="store_true", help="also save the LoRA merged model under merged/")
+    _skip_flag(p)
     p.add_argument(*_flag("hf_help"), action="store_true", help="list every transformers.TrainingArguments flag")
     p.set_defaults(func=cmd_train)
 
@@ -423,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(*_flag("max_new_tokens"), type=int, default=16, help="answer length cap (default: %(default)s)")
     p.add_argument("--limit", type=int, help="evaluate the first N records only")
     p.add_argument("--out", help="predictions JSON (default: DATA-NAME_predictions.json here)")
+    _skip_flag(p)
     p.set_defaults(func=cmd_eval)
 
     from .score import METRICS
@@ -445,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(*_flag("batch_size"), type=int, default=4, help="prompts per forward pass (default: %(default)s)")
     p.add_argument("--limit", type=int, help="use the first N records only")
     p.add_argument("--out", default="scores.json", help="scores JSON (default: %(default)s)")
+    _skip_flag(p)
     p.set_defaults(func=cmd_score)
 
     p = _subparser(
@@ -467,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="let layers where image features enter the LLM (cross-attention, DeepStack targets) be removed too",
     )
     p.add_argument(*_flag("output"), "--output_dir", "--output-dir", dest="output", required=True, help="save here")
+    _overwrite_flag(p)
     p.set_defaults(func=cmd_prune)
 
     p = _subparser(

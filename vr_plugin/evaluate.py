@@ -15,9 +15,7 @@ Scoring, per record:
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 import string
 import time
@@ -27,6 +25,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from .data import _messages, _name, _pad_id, _sample, collate, decode_new_tokens, load_conversations, prompt_inputs
+from .io import write_json
 
 __all__ = [
     "EvalReport",
@@ -131,12 +130,13 @@ def _text(message: dict) -> str:
     return " ".join(part["text"] for part in message["content"] if part.get("type") == "text").strip()
 
 
-def qa_records(records: Union[str, Sequence[dict]]) -> list:
+def qa_records(records: Union[str, Sequence[dict]], *, source: Optional[str] = None) -> list:
     """``(record, question, answer)`` per record; the last turn must be a gpt turn (the reference answer).
 
-    ``records`` is a LLaVA-format file or a list of records; raises ``ValueError`` naming a record without answer.
+    ``records`` is a LLaVA-format file or a list of records (e.g. from :func:`vr_plugin.data.validate_conversations`,
+    then ``source`` names their file in errors); raises ``ValueError`` naming a record without answer.
     """
-    source = records if isinstance(records, str) else None
+    source = records if isinstance(records, str) else source
     items = load_conversations(records) if isinstance(records, str) else list(records)
     if not items:
         raise ValueError(f"{source or 'the data'} holds no records to evaluate")
@@ -177,14 +177,17 @@ def evaluate(
     progress: bool = True,
     out: Optional[str] = None,
     model_id: str = "",
+    source: Optional[str] = None,
 ) -> EvalReport:
     """Greedy answers of ``model`` to every record of ``records`` (a LLaVA-format file or list), scored.
 
-    ``out`` writes the report with every record's prediction as JSON. Returns an :class:`EvalReport`.
+    ``out`` writes the report with every record's prediction as JSON. ``source`` names the file a list of
+    ``records`` was read from (already validated ones: the file is not read again), for errors and the report's
+    ``data``. Returns an :class:`EvalReport`.
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
-    items = qa_records(records)[:limit]
+    items = qa_records(records, source=source)[:limit]
     if not items:
         raise ValueError(f"limit={limit} leaves no record to evaluate")
     pad = _pad_id(processor)
@@ -228,7 +231,7 @@ def evaluate(
         total=len(predictions),
         predictions=predictions,
         model=model_id,
-        data=records if isinstance(records, str) else "",
+        data=records if isinstance(records, str) else source or "",
         seconds=time.perf_counter() - start,
     )
     if out:
@@ -237,8 +240,5 @@ def evaluate(
 
 
 def save_predictions(path: str, report: EvalReport) -> str:
-    """Write an :class:`EvalReport` (accuracy and every record's prediction) as JSON."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(asdict(report), handle, indent=1)
-    return path
+    """Write an :class:`EvalReport` (accuracy and every record's prediction) as JSON, atomically."""
+    return write_json(path, asdict(report), indent=1)

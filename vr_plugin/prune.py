@@ -85,6 +85,20 @@ def _match_scores(by_layer: dict, identity: dict, model: nn.Module, source: str)
     }
 
 
+def _as_number(remove: Any) -> Any:
+    """A numpy / torch scalar as a Python int or float; anything else unchanged."""
+    if isinstance(remove, (bool, int, float, str)) or not hasattr(remove, "item") or getattr(remove, "ndim", 0):
+        return remove
+    return remove.item()
+
+
+def _layer_index(value: Any) -> int:
+    """An explicit layer index: an integer (numpy / torch ones too), never a float or bool."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise ValueError(f"layer index {value!r} is not an integer; give whole layer numbers, e.g. remove=[2, 5]")
+    return int(value.__index__())
+
+
 def _count(remove: Union[int, float], num_layers: int) -> int:
     if isinstance(remove, bool):
         raise ValueError(f"remove={remove!r}: give a layer count (4) or a ratio in (0, 1) (0.125)")
@@ -251,7 +265,7 @@ def _region_layers(core: nn.Module, region: Union[str, Iterable[int], None], dep
 
 
 def _explicit_removal(remove: Iterable[int], region: list, entry: dict, allow_region: bool, allow_entry: bool) -> list:
-    removed = sorted(set(int(i) for i in remove))
+    removed = sorted(set(_layer_index(i) for i in remove))
     inside = sorted(set(removed) & set(region))
     if inside and not allow_region:
         raise ValueError(f"layers {inside} are in the visual region {region}; pass allow_region=True")
@@ -271,6 +285,7 @@ def _choose(model: nn.Module, depth: int, remove: Any, scores: Any, region: list
     ``allow``: ``(allow_region, allow_visual_entry)``.
     """
     allow_region, allow_entry = allow
+    remove = _as_number(remove)
     entry = visual_entry_layers(model)
     protected = {} if allow_entry else entry
     scores_by_layer, metric = _scores_and_metric(scores, model)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .distributed import gathered, zero3_hooked, zero3_partitioned
+from .io import write_json
 from .locate import find_decoder_layers, unwrap_model
 
 __all__ = ["METRICS", "ScoreReport", "score_layers", "save_scores", "load_scores", "image_token_mask"]
@@ -390,16 +391,26 @@ def save_scores(path: str, report: ScoreReport) -> str:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **report.extra,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2)
-    return path
+    return write_json(path, data, indent=2)
 
 
 def load_scores(path: str) -> ScoreReport:
-    """Read a JSON written by :func:`save_scores` (or ``score_layers(out=...)``)."""
-    with open(path, encoding="utf-8") as handle:
-        data = json.load(handle)
+    """Read a JSON written by :func:`save_scores` (or ``score_layers(out=...)``).
+
+    Raises ``FileNotFoundError`` / ``ValueError`` naming the file when it is missing, empty, not JSON or not a
+    scores file.
+    """
+    hint = "write it with vr-plugin score (or vr_plugin.score_layers(out=...))"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"scores file {path!r} does not exist; {hint}")
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        text = handle.read()
+    if not text.strip():
+        raise ValueError(f"scores file {path!r} is empty; {hint}")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"scores file {path!r} is not JSON ({error}); {hint}") from None
     try:
         scores = {int(k): float(v) for k, v in data["scores"].items()}
         report = ScoreReport(
@@ -408,6 +419,6 @@ def load_scores(path: str) -> ScoreReport:
         report.n = int(data.get("n", 1))
         report.tokens = int(data.get("tokens", 0))
         report.identity = dict(data.get("identity") or {})
-    except (KeyError, ValueError, TypeError) as error:
-        raise ValueError(f"{path} is not a vr_plugin scores file ({error})") from None
+    except (KeyError, ValueError, TypeError, AttributeError) as error:
+        raise ValueError(f"{path} is not a vr_plugin scores file ({error}); {hint}") from None
     return report

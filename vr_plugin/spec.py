@@ -34,6 +34,7 @@ half up), with ``0 < r <= 1``; a plain integer (``8``) is a layer count
 from __future__ import annotations
 
 import math
+import operator
 import random
 import re
 from collections.abc import Iterable
@@ -132,17 +133,31 @@ def _parse_index_list(spec: str, num_layers: int) -> list[int]:
     return sorted(picked)
 
 
+def _as_index(value: object) -> int | None:
+    """``value`` as a Python int when it is an integer (``int``, ``numpy.int64``, a 0-d integer torch tensor: anything
+    with ``__index__``) other than a bool, else None."""
+    if isinstance(value, bool) or "bool" in str(getattr(value, "dtype", "")):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def _check_num_layers(num_layers: object) -> int:
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+    """``num_layers`` as a positive Python int (``numpy`` / 0-d torch integers too); ``ValueError`` otherwise."""
+    count = _as_index(num_layers)
+    if count is None or count < 1:
         raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
-    return num_layers
+    return count
 
 
 def select_layers(spec: str | Iterable[int], num_layers: int) -> list[int]:
     """Resolve a region spec to sorted, unique, 0-based decoder-layer indices.
 
     ``spec`` is a string of the grammar in this module's docstring (or an
-    iterable of integer indices).  Raises ``ValueError`` naming the bad value,
+    iterable of integer indices: ``int``, ``numpy.int64``, 0-d integer
+    tensors, anything with ``__index__`` but ``bool``).  Raises ``ValueError`` naming the bad value,
     the layer count and the accepted forms.
 
     >>> select_layers("uniform_0.25", 32)
@@ -154,11 +169,13 @@ def select_layers(spec: str | Iterable[int], num_layers: int) -> list[int]:
             items = list(spec)
         except TypeError:
             raise _error(spec, num_layers, "it is neither a string nor a list of integers") from None
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
-            raise _error(spec, num_layers, "a list spec must contain integers only")
+        indices = [_as_index(i) for i in items]
+        if any(i is None for i in indices):
+            bad = next(i for i, index in zip(items, indices) if index is None)
+            raise _error(spec, num_layers, f"a list spec must contain integers only, got {bad!r}")
         if not items:
             raise _error(spec, num_layers, "the list is empty (use 'none' for projector-only tuning)")
-        return _parse_index_list(",".join(str(i) for i in items), num_layers)
+        return _parse_index_list(",".join(str(i) for i in indices), num_layers)
 
     text = spec.strip().lower()
     if not text:

@@ -83,6 +83,7 @@ class RegionTrainingConfig:
     cache_data: bool = field(default=False, metadata={"help": "keep encoded samples in memory after first use"})
     dtype: str = "float32"
     merge_lora: bool = False
+    skip_bad_images: bool = field(default=False, metadata={"help": "drop records whose images cannot be read"})
 
     def validate(self) -> None:
         """Raise ``ValueError`` / ``FileNotFoundError`` for inconsistent or missing inputs, before anything loads."""
@@ -360,28 +361,35 @@ def _is_main_process(trainer: Any) -> bool:
     return trainer.is_world_process_zero() and is_rank_zero()
 
 
-def train(config: RegionTrainingConfig, args: Any, *, print_logs: bool = True) -> TrainResult:
+def train(
+    config: RegionTrainingConfig, args: Any, *, print_logs: bool = True, records: Optional[list] = None
+) -> TrainResult:
     """Visual instruction tuning of ``config.model`` on ``config.data``, only the visual region learning.
 
     ``args`` is a ``transformers.TrainingArguments`` (``remove_unused_columns`` is turned off: samples carry the
     processor's image keys). ``print_logs=False`` keeps the Trainer's log lines (loss, learning rate) off the console;
-    they are still in the result and ``trainer_state.json``. Returns a :class:`TrainResult`; the model is saved to
-    ``args.output_dir``.
+    they are still in the result and ``trainer_state.json``. ``records``: ``config.data`` already read by
+    :func:`vr_plugin.data.validate_conversations` (else it is validated here, every image opened, before any weights
+    load). Returns a :class:`TrainResult`; the model is saved to ``args.output_dir``.
     """
     from transformers import AutoConfig
 
-    from ..data import Collator, ConversationDataset, load_processor
+    from ..data import Collator, ConversationDataset, load_processor, validate_conversations
     from ..locate import num_layers_from_config
     from ..spec import select_layers
 
     config.validate()
     select_layers(config.visual_region, num_layers_from_config(AutoConfig.from_pretrained(config.model)))  # fail fast
+    if records is None:
+        records, skipped = validate_conversations(config.data, config.images, config.skip_bad_images)
+        if skipped:
+            logger.warning("skipped %d records of %s with unreadable images", skipped, config.data)
     args.remove_unused_columns = False
     if not args.label_names:
         args.label_names = ["labels"]  # a PeftModel's forward hides them from the Trainer's signature check
     processor = load_processor(config.model)
     dataset = ConversationDataset(
-        config.data, config.images, processor, max_length=config.max_length, cache=config.cache_data
+        records, config.images, processor, max_length=config.max_length, cache=config.cache_data, source=config.data
     )
     transformers.set_seed(args.seed)  # before the model: LoRA's random init is then the same in every run
     model = _load_for_training(config)
