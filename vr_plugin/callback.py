@@ -10,6 +10,7 @@ from typing import Any, Iterable, Optional, Union
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .backends.deepspeed import optimizer_parameters as deepspeed_groups
 from .distributed import check_fsdp
 from .freeze import RegionPlan, apply_visual_region
 from .locate import unwrap_model
@@ -21,22 +22,11 @@ PLAN_FILE = "region_plan.json"
 
 logger = logging.getLogger(__name__)
 
-# Attributes under which DeepSpeed optimizers keep the model's own (16-bit) parameters.
-_DEEPSPEED_GROUPS = ("bit16_groups", "fp16_groups", "bf16_groups")
-
-
-def _deepspeed_groups(optimizer: Any) -> Optional[list]:
-    for attr in _DEEPSPEED_GROUPS:
-        groups = getattr(optimizer, attr, None)
-        if groups:
-            return groups
-    return None
-
 
 def _innermost(optimizer: Any) -> Any:
     """Look through accelerate / DeepSpeed wrappers down to the object that holds the model's parameters."""
     for _ in range(8):
-        if _deepspeed_groups(optimizer) is not None:
+        if deepspeed_groups(optimizer) is not None:
             return optimizer
         inner = getattr(optimizer, "optimizer", None)
         if inner is None or inner is optimizer:
@@ -48,7 +38,7 @@ def _innermost(optimizer: Any) -> Any:
 def optimizer_parameters(optimizer: Any) -> list:
     """The model parameters an optimizer updates (also for DeepSpeed ZeRO-1/2/3 and accelerate wrappers)."""
     holder = _innermost(optimizer)
-    groups = _deepspeed_groups(holder)
+    groups = deepspeed_groups(holder)
     if groups is not None:
         return [p for group in groups for p in group]
     return [p for group in holder.param_groups for p in group["params"]]
@@ -95,10 +85,11 @@ def verify_optimizer(optimizer: Any, plan: RegionPlan, model: Any = None) -> Non
 def _drop_frozen(optimizer: Any, world_size: int) -> int:
     """Remove frozen tensors from an already-built (not yet stepped) torch optimizer."""
     holder = _innermost(optimizer)
-    if _deepspeed_groups(holder) is not None or world_size > 1:
+    if deepspeed_groups(holder) is not None or world_size > 1:
+        engine = "a DeepSpeed engine" if deepspeed_groups(holder) is not None else f"{world_size} distributed ranks"
         raise RuntimeError(
             "RegionFreezeCallback was attached after the Trainer built its optimizer "
-            f"({'a DeepSpeed engine' if _deepspeed_groups(holder) is not None else f'{world_size} distributed ranks'} "
+            f"({engine} "
             "already registered every parameter), so the region cannot be applied safely. Pass it to the "
             "constructor: Trainer(..., callbacks=[RegionFreezeCallback(...)])."
         )

@@ -143,11 +143,6 @@ def _load(args: argparse.Namespace) -> tuple:
     return load_model(args.model, dtype=_dtype(args.dtype), device=args.device)
 
 
-def _main_process() -> bool:
-    """Rank 0 of a launcher-started run (``torchrun`` / ``deepspeed`` set ``RANK``), or a plain process."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 # ------------------------------------------------------------------------------------------------------ commands
 
 
@@ -213,7 +208,9 @@ def _train_into(args: argparse.Namespace, config: Any, training_args: Any, train
     from .outputs import check_output, check_weight_files, writing
 
     resume = training_args.resume_from_checkpoint
-    main = _main_process()
+    from .backends.processes import is_main_process
+
+    main = is_main_process()
     if main:
         check_output(args.output, inputs=[args.model], overwrite=args.overwrite_output_dir, resume=resume)
     if resume:

@@ -1,7 +1,8 @@
 """The region under sharded training: DeepSpeed ZeRO-3 parameter gathering and FSDP settings.
 
 * :func:`gathered` -- a context that makes ZeRO-3-partitioned parameters whole (a collective: every rank enters
-  it with the same parameters); a no-op for ordinary tensors;
+  it with the same parameters); a no-op for ordinary tensors (it and the two below live in
+  :mod:`vr_plugin.backends.deepspeed`);
 * :func:`zero3_partitioned` / :func:`zero3_hooked` -- whether a model's parameters are ZeRO-3 partitioned, and
   whether a DeepSpeed engine fetches them itself during forward;
 * :func:`fsdp_config` -- ``TrainingArguments(fsdp=True, fsdp_config=...)`` that wraps each decoder layer in its own
@@ -12,48 +13,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Optional
 
-import torch
 from torch import nn
 
+from .backends.deepspeed import gathered, zero3_hooked, zero3_partitioned
+from .backends.fsdp import active_plugin, flat_params_without_orig
 from .locate import find_decoder_layers, unwrap_model
 
 __all__ = ["check_fsdp", "fsdp_config", "gathered", "zero3_hooked", "zero3_partitioned"]
 
 logger = logging.getLogger(__name__)
-
-
-def _zero3_param(param: torch.Tensor) -> bool:
-    return hasattr(param, "ds_id") and hasattr(param, "ds_status")
-
-
-def zero3_partitioned(model: nn.Module) -> bool:
-    """Whether ``model`` holds DeepSpeed ZeRO-3 partitioned parameters (built in ``zero.Init`` or by an engine)."""
-    return any(_zero3_param(p) for p in model.parameters())
-
-
-def zero3_hooked(module: nn.Module) -> bool:
-    """Whether a DeepSpeed ZeRO-3 engine registered ``module``, so its forward gathers its own parameters."""
-    return isinstance(getattr(module, "ds_id", None), int)
-
-
-@contextlib.contextmanager
-def gathered(params: Iterable[torch.Tensor]) -> Iterator[None]:
-    """Make ZeRO-3-partitioned ``params`` whole inside the block (read-only), re-partition them after.
-
-    A collective: every rank must enter it with the same parameters. Ordinary tensors pass through unchanged.
-    """
-    params = [p for p in params if _zero3_param(p)]
-    if not params:
-        yield
-        return
-    from deepspeed import zero
-
-    with zero.GatheredParameters(params):
-        yield
 
 
 def _decoder_layer_classes(model: nn.Module, layers_path: Optional[str]) -> list:
@@ -92,24 +63,6 @@ def fsdp_config(model: nn.Module, version: int = 2, layers_path: Optional[str] =
     return config
 
 
-def _fsdp_plugin() -> Any:
-    """accelerate's active FSDP plugin (set from ``TrainingArguments.fsdp_config`` or ``accelerate launch``)."""
-    try:
-        from accelerate.state import AcceleratorState
-    except ImportError:  # pragma: no cover - accelerate comes with transformers' Trainer
-        return None
-    return AcceleratorState._shared_state.get("fsdp_plugin")
-
-
-def _flat_params_without_orig(model: nn.Module) -> bool:
-    for module in model.modules():
-        if type(module).__name__ == "FullyShardedDataParallel":
-            handle = getattr(module, "_handle", None)
-            if handle is not None and not getattr(handle, "_use_orig_params", True):
-                return True
-    return False
-
-
 def check_fsdp(model: Optional[nn.Module] = None, args: Any = None) -> Optional[str]:
     """Make FSDP safe for a visual region before the model is wrapped; return a one-line summary (``None``: no FSDP).
 
@@ -118,13 +71,13 @@ def check_fsdp(model: Optional[nn.Module] = None, args: Any = None) -> Optional[
     accelerate plugin (and in ``args.fsdp_config``) with a warning. A model already wrapped that way raises
     ``ValueError``. FSDP2 keeps per-parameter ``requires_grad`` and needs nothing.
     """
-    if model is not None and _flat_params_without_orig(model):
+    if model is not None and flat_params_without_orig(model):
         raise ValueError(
             "the model is already wrapped by FSDP1 with use_orig_params=False, which cannot hold frozen and trainable "
             "parameters in one unit; wrap it with use_orig_params=True (fsdp_config={'use_orig_params': True}, "
             "or vr_plugin.fsdp_config(model, version=1))"
         )
-    plugin = _fsdp_plugin()
+    plugin = active_plugin()
     if plugin is None:
         return None
     version = int(getattr(plugin, "fsdp_version", 1) or 1)

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .backends.bitsandbytes import is_quantized_param
 from .locate import find_decoder_layers, map_parameters, unwrap_model
 from .record import REGION_KEY, RegionRecord, read_region, save_region_file, write_region
 
@@ -46,7 +47,7 @@ def save_region_state(model: nn.Module, out_dir: str, include_projector: bool = 
     tensors = {}
     for info in map_parameters(core, location):
         if (info.group == "layer" and info.layer in region) or (include_projector and info.group == "projector"):
-            if type(info.param).__name__ in ("Params4bit", "Int8Params"):
+            if is_quantized_param(info.param):
                 raise ValueError(f"{info.name} is quantized; the region must be kept in full precision to export it")
             tensors[info.name] = info.param.detach().to("cpu").contiguous()
     os.makedirs(out_dir, exist_ok=True)

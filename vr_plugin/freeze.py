@@ -11,6 +11,8 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
+from .backends.bitsandbytes import is_quantized_param
+from .backends.processes import is_main_process
 from .locate import DecoderLayers, find_decoder_layers, map_parameters, numel, unwrap_model
 from .record import write_region
 from .spec import describe_indices, select_layers
@@ -96,7 +98,7 @@ def _adapter_names(model: nn.Module) -> set:
 
 
 def _trainable_dtype(param: torch.Tensor) -> bool:
-    return param.dtype.is_floating_point and type(param).__name__ not in {"Params4bit", "Int8Params"}
+    return param.dtype.is_floating_point and not is_quantized_param(param)
 
 
 def _reentrant_checkpointing(location: DecoderLayers, owner: Optional[nn.Module]) -> bool:
@@ -145,10 +147,8 @@ def _install_input_grad_hook(model: nn.Module, location: DecoderLayers) -> None:
 
 
 def is_rank_zero() -> bool:
-    """Rank 0 of ``torch.distributed`` (True without a process group)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
-    return True
+    """The main process of the run (:func:`vr_plugin.backends.processes.is_main_process`)."""
+    return is_main_process()
 
 
 def region_layer_names(model: nn.Module, layers: Iterable[int], location: Optional[DecoderLayers] = None) -> list:

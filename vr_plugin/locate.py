@@ -260,10 +260,14 @@ def map_parameters(model: nn.Module, location: Optional[DecoderLayers] = None) -
 
 
 def numel(param: torch.Tensor) -> int:
-    """Logical number of elements, also for ZeRO-3 partitions (``ds_numel``) and packed 4-bit weights."""
-    if getattr(param, "ds_numel", None):
-        return int(param.ds_numel)
-    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    """Logical number of elements, also for ZeRO-3 partitions and packed 4-bit weights."""
+    from .backends.bitsandbytes import logical_shape
+    from .backends.deepspeed import logical_numel
+
+    partitioned = logical_numel(param)
+    if partitioned:
+        return partitioned
+    shape = logical_shape(param)
     return int(torch.Size(shape).numel()) if shape is not None else param.numel()
 
 

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .backends.bitsandbytes import is_quantized_linear, is_quantized_model
 from .locate import PROJECTOR_KEYS, find_decoder_layers, map_parameters, unwrap_model
 from .spec import describe_indices, select_layers
 
@@ -29,17 +30,16 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_QUANTIZED = ("Linear4bit", "Linear8bitLt")
 _ADAPTER_LAYER_MARKERS = ("base_layer", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 
 
 def _is_linear(module: nn.Module) -> bool:
-    """``nn.Linear`` (incl. bitsandbytes Linear4bit/Linear8bitLt, which subclass it) or HF's GPT-2 ``Conv1D``.
+    """``nn.Linear`` (incl. bitsandbytes' quantized linear maps, which subclass it) or HF's GPT-2 ``Conv1D``.
 
     A Linear subclass with a forward of its own that returns something else (Llama 4's MoE router returns scores
     and indices) is no LoRA target: peft's wrapper expects one tensor back.
     """
-    if type(module).__name__ in _QUANTIZED or type(module).__name__ == "Conv1D":
+    if is_quantized_linear(module) or type(module).__name__ == "Conv1D":
         return True
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
@@ -160,7 +160,7 @@ def region_lora_config(
     if train_projector:
         core = unwrap_model(model)
         for name in projector_modules(core):
-            quantized = [n for n, m in core.get_submodule(name).named_modules() if type(m).__name__ in _QUANTIZED]
+            quantized = [n for n, m in core.get_submodule(name).named_modules() if is_quantized_linear(m)]
             if quantized:
                 raise ValueError(
                     f"the projector {name} is quantized ({name}.{quantized[0]}); it must train in full precision: "
@@ -224,7 +224,7 @@ def prepare_qlora(
     """
     from peft import prepare_model_for_kbit_training
 
-    quantized = any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
+    quantized = is_quantized_model(model)
     if not quantized:
         raise ValueError(
             "prepare_qlora expects a model loaded with bitsandbytes (vr_plugin.load_quantized(path, 'nf4')); "

@@ -17,6 +17,7 @@ import transformers
 from packaging import version
 from torch import nn
 
+from .backends.bitsandbytes import is_quant_state_key, is_quantized_linear
 from .freeze import RegionPlan, apply_visual_region
 from .locate import find_decoder_layers, map_parameters
 from .spec import select_layers
@@ -34,14 +35,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 QUANT_KINDS = ("nf4", "fp4", "int8")
-_BNB_TYPES = ("Linear4bit", "Linear8bitLt")
-# What bitsandbytes stores beside a quantized weight in a state dict (its quantization state, not a parameter).
-_QUANT_STATE_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".SCB", ".weight_format")
-
-
-def is_quant_state_key(key: str) -> bool:
-    """Whether a state-dict ``key`` is bitsandbytes' quantization state of a weight (``...weight.absmax``, ...)."""
-    return key.endswith(_QUANT_STATE_SUFFIXES) or ".quant_state.bitsandbytes__" in key
 
 
 _NEW_DTYPE_KWARG = version.parse(transformers.__version__) >= version.parse("4.56")
@@ -49,10 +42,11 @@ _NEW_DTYPE_KWARG = version.parse(transformers.__version__) >= version.parse("4.5
 
 def model_class_for(config: Any) -> Any:
     """The Auto class that builds ``config``'s model with a head: image-text-to-text, vision2seq or causal LM."""
-    for name in ("AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoModelForCausalLM"):
-        auto = getattr(transformers, name, None)
-        if auto is not None and type(config) in auto._model_mapping:
-            return auto
+    from .backends.transformers import auto_class_for
+
+    auto = auto_class_for(config)
+    if auto is not None:
+        return auto
     raise ValueError(f"no Auto model class knows config type {type(config).__name__}; pass model_cls=")
 
 
@@ -93,7 +87,7 @@ def bnb_config(
 
 
 def _quantizable(module: nn.Module) -> bool:
-    return type(module) is nn.Linear or type(module).__name__ in _BNB_TYPES
+    return type(module) is nn.Linear or is_quantized_linear(module)
 
 
 def quantized_layers(model: nn.Module, layers_path: Optional[str] = None) -> dict:
@@ -102,7 +96,7 @@ def quantized_layers(model: nn.Module, layers_path: Optional[str] = None) -> dic
     states = {}
     for index, layer in enumerate(location.layers):
         # plain linear maps only: transformers keeps some Linear subclasses (Llama 4's router) in full precision
-        kinds = {type(m).__name__ in _BNB_TYPES for m in layer.modules() if _quantizable(m)}
+        kinds = {is_quantized_linear(m) for m in layer.modules() if _quantizable(m)}
         states[index] = kinds.pop() if len(kinds) == 1 else None
     return states
 

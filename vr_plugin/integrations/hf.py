@@ -35,8 +35,10 @@ import transformers
 from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from ..backends.processes import is_main_process
+from ..backends.transformers import hybrid_quantized_allowed
 from ..callback import RegionFreezeCallback
-from ..freeze import RegionPlan, is_rank_zero
+from ..freeze import RegionPlan
 from ..lora import region_param_groups
 from ..record import RegionRecord, read_region, save_region_file, write_region
 
@@ -205,35 +207,6 @@ def save_model(model: Any, processor: Any, out_dir: str) -> str:
 
 
 @contextlib.contextmanager
-def _hybrid_quantized_allowed() -> Iterator[None]:
-    """Let the Trainer accept a hybrid model: quantized outside the region, with full-precision layers to train.
-
-    The Trainer refuses every bitsandbytes model without PEFT adapters, as it cannot tell a hybrid (whose region
-    layers are full precision) from a purely quantized one; its check is skipped while the Trainer is built, and
-    only for a model that has full-precision parameters to train.
-    """
-    import transformers.trainer as trainer_module
-
-    check = getattr(trainer_module, "validate_quantization_for_training", None)
-    if check is None:
-        raise ValueError(
-            f"the Trainer of transformers {transformers.__version__} refuses quantized models without adapters, so "
-            "--quantize_frozen (hybrid) cannot train with it; use --lora --bits 4, or transformers >= 5"
-        )
-
-    def allow_hybrid(model: Any) -> None:
-        trainable = [p for p in model.parameters() if p.requires_grad and p.dtype.is_floating_point]
-        if not trainable:
-            check(model)
-
-    trainer_module.validate_quantization_for_training = allow_hybrid
-    try:
-        yield
-    finally:
-        trainer_module.validate_quantization_for_training = check
-
-
-@contextlib.contextmanager
 def _runtime_layout(model: Any) -> Iterator[None]:
     """Make ``model.save_pretrained`` keep the runtime parameter names (transformers >= 5 reverts them to the
     checkpoint's original layout by default, which the Trainer's resume cannot load)."""
@@ -283,7 +256,7 @@ class RegionTrainer(Trainer):
         if not hybrid:
             super().__init__(*args, **kwargs)
             return
-        with _hybrid_quantized_allowed():
+        with hybrid_quantized_allowed():
             super().__init__(*args, **kwargs)
 
     def create_optimizer(self, model: Any = None) -> Any:
@@ -311,7 +284,7 @@ class RegionTrainer(Trainer):
             return super()._save(output_dir, state_dict)
 
     def _issue_warnings_after_load(self, load_result: Any) -> None:
-        from ..quant import is_quant_state_key
+        from ..backends.bitsandbytes import is_quant_state_key
         from ..resume import ResumeError
 
         aliases = _tied_aliases(self.model)
@@ -358,7 +331,7 @@ class _BarOnly(ProgressCallback):
 def _is_main_process(trainer: Any) -> bool:
     """Rank 0 of the run. ``torch.distributed``'s rank is asked too: under DeepSpeed's CPU accelerator the
     TrainingArguments of transformers 5.x report process 0 of 1 on every rank."""
-    return trainer.is_world_process_zero() and is_rank_zero()
+    return trainer.is_world_process_zero() and is_main_process()
 
 
 def train(
