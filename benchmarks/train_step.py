@@ -390,7 +390,7 @@ def render(rows: list, targets: list, args: argparse.Namespace, shape: benchlib.
     return "\n".join(lines)
 
 
-def main(argv: Optional[list] = None) -> dict:
+def main(argv: Optional[list] = None) -> dict:  # noqa: C901 (argument dispatch of every preset)
     args = parse_args(argv)
     shape = benchlib.resolve_shape(args)
     benchlib.setup_process(args)

@@ -408,6 +408,8 @@ def test_score_and_prune_bad_inputs(capsys, tmp_path, llava, data):
 # ------------------------------------------------------------------------------------------------ launchers
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_train_under_deepspeed_zero3_two_ranks(tmp_path, llava, data):
     """`deepspeed --module vr_plugin train` (it inserts --local_rank before the subcommand), ZeRO-3, 2 CPU ranks."""
     pytest.importorskip("deepspeed")
@@ -439,6 +441,8 @@ def test_train_under_deepspeed_zero3_two_ranks(tmp_path, llava, data):
     assert read_region(str(out)).layers == [1, 7]
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_train_under_torchrun_ddp_two_ranks(tmp_path, llava, data):
     """`torchrun -m vr_plugin train` with 2 CPU ranks (gloo DDP; --use_cpu makes the Trainer see both ranks)."""
     out = tmp_path / "out"

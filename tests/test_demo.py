@@ -12,6 +12,8 @@ from vr_plugin import read_pruning, read_region
 from vr_plugin.cli import main
 from vr_plugin.demo import DemoConfig, _plots, answer_prior
 
+pytestmark = pytest.mark.slow
+
 HAS_MATPLOTLIB = True
 try:
     import matplotlib  # noqa: F401

@@ -19,6 +19,8 @@ from vr_plugin.tiny import build_model
 
 from .common import LlavaSynthetic, changed, collate, free_port, snapshot
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 pytest.importorskip("deepspeed")
 HERE = os.path.join(os.path.dirname(__file__), "distributed")
 REGION = ("model.language_model.layers.1.", "model.language_model.layers.7.", "model.multi_modal_projector.")

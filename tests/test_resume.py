@@ -17,6 +17,8 @@ from vr_plugin.tiny import available, save_tiny_lvlm
 from .common import LlavaSynthetic, collate, freeze_vision, requires_cpu_bnb
 from .test_cli import ROOT, cli, fails
 
+pytestmark = pytest.mark.slow
+
 KILL = os.path.join(ROOT, "tests", "scripts", "kill_after_checkpoint.py")
 MODES = {"full": [], "lora": ["--lora"], "hybrid": ["--quantize_frozen", "nf4"], "qlora": ["--lora", "--bits", "4"]}
 WEIGHTS = {"full": "model.safetensors", "lora": "adapter_model.safetensors", "hybrid": "model.safetensors",

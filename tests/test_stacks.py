@@ -7,7 +7,11 @@ import pytest
 
 from .stacks import ROOT, STACKS, current, ensure
 
-pytestmark = pytest.mark.skipif(bool(current()) or os.environ.get("VR_SKIP_STACKS") == "1", reason="nested run")
+pytestmark = [
+    pytest.mark.stack,
+    pytest.mark.slow,
+    pytest.mark.skipif(bool(current()) or os.environ.get("VR_SKIP_STACKS") == "1", reason="nested run"),
+]
 
 
 @pytest.mark.parametrize("name", sorted(STACKS))

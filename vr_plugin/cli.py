@@ -416,19 +416,8 @@ def _subparser(sub, name: str, help: str, description: str, epilog: str) -> argp
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``vr-plugin`` with every subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="vr-plugin",
-        description="Tune only the visual region of an LVLM's LLM, and prune around it (arXiv 2412.12785).",
-        epilog="Start with `vr-plugin demo`. `vr-plugin COMMAND --help` shows each command's flags and examples.",
-    )
-    verbosity = parser.add_mutually_exclusive_group()
-    verbosity.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="log debug messages too")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
+def _add_select_parser(sub: Any) -> None:
+    """``vr-plugin select``."""
     p = _subparser(
         sub,
         "select",
@@ -440,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-layers", "--num_layers", type=int, required=True, help="decoder depth of the LLM")
     p.set_defaults(func=cmd_select)
 
+
+def _add_inspect_parser(sub: Any) -> None:
+    """``vr-plugin inspect``."""
     p = _subparser(
         sub,
         "inspect",
@@ -453,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(*_flag("tune_vision_tower"), action="store_true", help="count the vision tower as trainable")
     p.set_defaults(func=cmd_inspect)
 
+
+def _add_train_parser(sub: Any) -> None:
+    """``vr-plugin train``."""
     p = _subparser(
         sub,
         "train",
@@ -494,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(*_flag("hf_help"), action="store_true", help="list every transformers.TrainingArguments flag")
     p.set_defaults(func=cmd_train)
 
+
+def _add_eval_parser(sub: Any) -> None:
+    """``vr-plugin eval``."""
     p = _subparser(
         sub,
         "eval",
@@ -512,6 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     _skip_flag(p)
     p.set_defaults(func=cmd_eval)
 
+
+def _add_score_parser(sub: Any) -> None:
+    """``vr-plugin score``."""
     from .score import METRICS
 
     p = _subparser(
@@ -535,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     _skip_flag(p)
     p.set_defaults(func=cmd_score)
 
+
+def _add_prune_parser(sub: Any) -> None:
+    """``vr-plugin prune``."""
     p = _subparser(
         sub,
         "prune",
@@ -558,6 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
     _overwrite_flag(p)
     p.set_defaults(func=cmd_prune)
 
+
+def _add_demo_parser(sub: Any) -> None:
+    """``vr-plugin demo``."""
     p = _subparser(
         sub,
         "demo",
@@ -577,6 +584,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads (default: 1, fastest for the demo's tiny matrices)")
     p.add_argument(*_flag("no_progress"), action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``vr-plugin`` with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="vr-plugin",
+        description="Tune only the visual region of an LVLM's LLM, and prune around it (arXiv 2412.12785).",
+        epilog="Start with `vr-plugin demo`. `vr-plugin COMMAND --help` shows each command's flags and examples.",
+    )
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="log debug messages too")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_select_parser(sub)
+    _add_inspect_parser(sub)
+    _add_train_parser(sub)
+    _add_eval_parser(sub)
+    _add_score_parser(sub)
+    _add_prune_parser(sub)
+    _add_demo_parser(sub)
     return parser
 
 

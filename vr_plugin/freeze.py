@@ -6,7 +6,7 @@ import functools
 import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -157,6 +157,56 @@ def region_layer_names(model: nn.Module, layers: Iterable[int], location: Option
     return [f"{location.name}.{i}" for i in layers]
 
 
+def _check_tied(core: nn.Module, params: list, tune_embeddings: bool, tune_lm_head: bool) -> None:
+    """Refuse contradicting choices for an lm_head tied to the input embeddings."""
+    embed_ids = {id(p.param) for p in params if p.group == "embeddings"}
+    head = core.get_output_embeddings() if hasattr(core, "get_output_embeddings") else None
+    tied = head is not None and getattr(head, "weight", None) is not None and id(head.weight) in embed_ids
+    if tied and tune_embeddings != tune_lm_head:
+        raise ValueError(
+            f"lm_head is tied to the input embeddings in {type(core).__name__}; tune_embeddings={tune_embeddings} and "
+            f"tune_lm_head={tune_lm_head} contradict each other. Set both to the same value."
+        )
+
+
+def _decide(info: Any, region: set, adapter_parts: set, choice: dict) -> tuple:
+    """``(report group, trainable?)`` of one parameter; ``None`` leaves its ``requires_grad`` as it is."""
+    if info.group == "layer":
+        inside = info.layer in region
+        report = "region layers" if inside else "other layers"
+        want = inside and any(part in adapter_parts for part in info.name.split(".")) if adapter_parts else inside
+    else:
+        report, want = _REPORT_NAME[info.group], choice[info.group]
+    if "original_module" in info.name.split("."):
+        want = False  # peft's frozen original beside a modules_to_save copy
+    return report, want
+
+
+def _check_plan(plan: RegionPlan, model_name: str, params: list, adapter_parts: set, tune_projector: Any) -> None:
+    """Nothing fails silently: a region that trains nothing, freezes nothing, or whose adapters sit elsewhere."""
+    if not plan.trainable_params:
+        raise ValueError(
+            f"visual region {plan.spec!r} on {model_name} leaves nothing to train "
+            f"(region layers [{describe_indices(plan.layers)}], tune_projector={tune_projector}). "
+            "Select some layers or keep the projector trainable."
+        )
+    if plan.trainable == plan.total:
+        warnings.warn(f"visual region {plan.spec!r} froze nothing: every parameter is trainable", stacklevel=3)
+    if plan.layers and adapter_parts and plan.groups["region layers"].trainable == 0:
+        raise ValueError(
+            f"visual region {plan.spec!r}: the model carries PEFT adapters but none inside region layers "
+            f"[{describe_indices(plan.layers)}]; build the LoRA config with vr_plugin.region_lora_config."
+        )
+    vision_adapters = [p.name for p in params if p.group == "vision" and adapter_parts & set(p.name.split("."))]
+    if vision_adapters:
+        logger.warning(
+            "PEFT put %d adapters in the vision tower (e.g. %s): suffix target_modules also match the vision "
+            "encoder. vr_plugin.region_lora_config targets only the region layers.",
+            len(vision_adapters),
+            vision_adapters[0],
+        )
+
+
 def apply_visual_region(
     model: nn.Module,
     spec: Union[str, Iterable[int]],
@@ -197,32 +247,14 @@ def apply_visual_region(
         "vision": tune_vision_tower,
         "other": False,
     }
-    embed_ids = {id(p.param) for p in params if p.group == "embeddings"}
     core = unwrap_model(model)
-    head = core.get_output_embeddings() if hasattr(core, "get_output_embeddings") else None
-    tied = head is not None and getattr(head, "weight", None) is not None and id(head.weight) in embed_ids
-    if tied and tune_embeddings != tune_lm_head:
-        raise ValueError(
-            f"lm_head is tied to the input embeddings in {type(core).__name__}; tune_embeddings={tune_embeddings} and "
-            f"tune_lm_head={tune_lm_head} contradict each other. Set both to the same value."
-        )
+    _check_tied(core, params, tune_embeddings, tune_lm_head)
 
     groups = {name: GroupCount() for name in REPORT_GROUPS}
     trainable_names, trainable_params = [], []
     for info in params:
         p = info.param
-        if info.group == "layer":
-            inside = info.layer in region
-            report = "region layers" if inside else "other layers"
-            if adapter_parts:
-                want = inside and any(part in adapter_parts for part in info.name.split("."))
-            else:
-                want = inside
-        else:
-            report = _REPORT_NAME[info.group]
-            want = choice[info.group]
-        if "original_module" in info.name.split("."):
-            want = False  # peft's frozen original beside a modules_to_save copy
+        report, want = _decide(info, region, adapter_parts, choice)
         if want is not None:
             p.requires_grad_(bool(want) and _trainable_dtype(p))
         count = groups[report]
@@ -241,27 +273,7 @@ def apply_visual_region(
         trainable_names=trainable_names,
         trainable_params=trainable_params,
     )
-    if not trainable_params:
-        raise ValueError(
-            f"visual region {plan.spec!r} on {type(core).__name__} leaves nothing to train "
-            f"(region layers [{describe_indices(indices)}], tune_projector={tune_projector}). "
-            "Select some layers or keep the projector trainable."
-        )
-    if plan.trainable == plan.total:
-        warnings.warn(f"visual region {plan.spec!r} froze nothing: every parameter is trainable", stacklevel=2)
-    if region and adapter_parts and groups["region layers"].trainable == 0:
-        raise ValueError(
-            f"visual region {plan.spec!r}: the model carries PEFT adapters but none inside region layers "
-            f"[{describe_indices(indices)}]; build the LoRA config with vr_plugin.region_lora_config."
-        )
-    vision_adapters = [p.name for p in params if p.group == "vision" and adapter_parts & set(p.name.split("."))]
-    if vision_adapters:
-        logger.warning(
-            "PEFT put %d adapters in the vision tower (e.g. %s): suffix target_modules also match the vision "
-            "encoder. vr_plugin.region_lora_config targets only the region layers.",
-            len(vision_adapters),
-            vision_adapters[0],
-        )
+    _check_plan(plan, type(core).__name__, params, adapter_parts, tune_projector)
     if region and not tune_embeddings:
         _install_input_grad_hook(model, location)
     if record:

@@ -7,9 +7,6 @@ work on it exactly as on the real model.
 
 from __future__ import annotations
 
-import json
-import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -75,48 +72,21 @@ def depth_strip(num_layers: int, region: list, pruned: Optional[list] = None, en
     return "".join(mark(i) for i in range(num_layers))
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name
-
-
-def _looks_local(name: str) -> bool:
-    """Whether a model name is a local path rather than a hub id ``org/name``.
-
-    Absolute, ``./``/``../``/``~`` paths and anything not shaped ``org/name`` are local; so is an ``org/name`` whose
-    ``org`` is a directory here (``runs/base`` next to ``runs/``).
-    """
-    if os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name or not _HUB_ID.match(name):
-        return True
-    return os.path.isdir(name.split("/")[0])
-
-
 def _config_path(path: str) -> str:
     """The directory whose config describes the model: a peft adapter's base, else ``path`` itself.
 
     Raises ``FileNotFoundError`` when an adapter's base model is a local path that does not exist.
     """
-    adapter = os.path.join(path, "adapter_config.json")
-    if not os.path.isfile(adapter) or os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    with open(adapter, encoding="utf-8") as handle:
-        try:
-            base = json.load(handle).get("base_model_name_or_path")
-        except (json.JSONDecodeError, AttributeError) as error:
-            raise ValueError(f"{adapter} is not a peft adapter config ({error})") from None
-    if not base:
-        return path
-    if not os.path.exists(os.path.expanduser(base)) and _looks_local(base):
-        raise FileNotFoundError(
-            f"adapter {path} names base model {base!r} (base_model_name_or_path), which does not exist here; "
-            f"put the base model there or set base_model_name_or_path in {adapter} to where it is"
-        )
-    return os.path.expanduser(base)
+    from .model_io import adapter_base
+
+    return adapter_base(path) or path
 
 
 def meta_model(config: Any) -> Any:
     """The model of ``config`` (with its head) on the meta device: structure and shapes, no memory."""
     import torch
 
-    from .quant import model_class_for
+    from .model_io import model_class_for
 
     with torch.device("meta"):
         return model_class_for(config).from_config(config)

@@ -13,13 +13,12 @@ import re
 from typing import Any, Iterable, Optional, Union
 
 import torch
-import transformers
-from packaging import version
 from torch import nn
 
 from .backends.bitsandbytes import is_quant_state_key, is_quantized_linear
 from .freeze import RegionPlan, apply_visual_region
 from .locate import find_decoder_layers, map_parameters
+from .model_io import dtype_kwargs, model_class_for
 from .spec import select_layers
 
 __all__ = [
@@ -35,19 +34,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 QUANT_KINDS = ("nf4", "fp4", "int8")
-
-
-_NEW_DTYPE_KWARG = version.parse(transformers.__version__) >= version.parse("4.56")
-
-
-def model_class_for(config: Any) -> Any:
-    """The Auto class that builds ``config``'s model with a head: image-text-to-text, vision2seq or causal LM."""
-    from .backends.transformers import auto_class_for
-
-    auto = auto_class_for(config)
-    if auto is not None:
-        return auto
-    raise ValueError(f"no Auto model class knows config type {type(config).__name__}; pass model_cls=")
 
 
 def _skip_patterns(names: Iterable[str]) -> list:
@@ -108,11 +94,6 @@ def _config_and_class(path: str, model_cls: Any, kwargs: dict) -> tuple:
     return config, model_cls or model_class_for(config)
 
 
-def _dtype_kwargs(dtype: torch.dtype) -> dict:
-    """``dtype=`` on transformers >= 4.56, ``torch_dtype=`` before."""
-    return {"dtype" if _NEW_DTYPE_KWARG else "torch_dtype": dtype}
-
-
 def _full_precision_modules(skeleton: nn.Module, location: Any, region: Iterable[int]) -> list:
     """Modules kept out of bitsandbytes: the given region layers, projector, vision tower and lm_head.
 
@@ -155,7 +136,7 @@ def load_quantized(
     keep = _full_precision_modules(skeleton, location, region)
     del skeleton
     quant = bnb_config(kind, compute_dtype or dtype, skip_modules=_skip_patterns(keep))
-    model = model_cls.from_pretrained(path, quantization_config=quant, **_dtype_kwargs(dtype), **from_pretrained_kwargs)
+    model = model_cls.from_pretrained(path, quantization_config=quant, **dtype_kwargs(dtype), **from_pretrained_kwargs)
 
     states = quantized_layers(model, layers_path)
     wrong = [i for i, quantized in states.items() if quantized is not (i not in region)]
@@ -201,7 +182,7 @@ def load_for_region(
             path, trust_remote_code=from_pretrained_kwargs.get("trust_remote_code", False)
         )
         kwargs = dict(from_pretrained_kwargs)
-        kwargs["dtype" if _NEW_DTYPE_KWARG else "torch_dtype"] = dtype
+        kwargs.update(dtype_kwargs(dtype))
         model = (model_cls or model_class_for(config)).from_pretrained(path, **kwargs)
     else:
         model = load_quantized(

@@ -152,6 +152,38 @@ def _check_num_layers(num_layers: object) -> int:
     return count
 
 
+def _select_from_list(spec: Iterable[int], num_layers: int) -> list[int]:
+    """An iterable of integer indices (anything with ``__index__`` but ``bool``) checked against the depth."""
+    try:
+        items = list(spec)
+    except TypeError:
+        raise _error(spec, num_layers, "it is neither a string nor a list of integers") from None
+    indices = [_as_index(i) for i in items]
+    if any(i is None for i in indices):
+        bad = next(i for i, index in zip(items, indices) if index is None)
+        raise _error(spec, num_layers, f"a list spec must contain integers only, got {bad!r}")
+    if not items:
+        raise _error(spec, num_layers, "the list is empty (use 'none' for projector-only tuning)")
+    return _parse_index_list(",".join(str(i) for i in indices), num_layers)
+
+
+def _select_strategy(spec: str, strategy: str, size: str, seed: str | None, num_layers: int) -> list[int]:
+    """``uniform_`` / ``first_`` / ``last_`` / ``middle_`` / ``random_<n>[_seed<s>]``."""
+    if seed is not None and strategy != "random":
+        raise _error(spec, num_layers, "only random_<n> takes a _seed<s> suffix")
+    k = region_size(size, num_layers, spec=spec)
+    if strategy == "uniform":
+        return _uniform(k, num_layers)
+    if strategy == "first":
+        return list(range(k))
+    if strategy == "last":
+        return list(range(num_layers - k, num_layers))
+    if strategy == "middle":
+        start = (num_layers - k) // 2
+        return list(range(start, start + k))
+    return sorted(random.Random(int(seed or 0)).sample(range(num_layers), k))
+
+
 def select_layers(spec: str | Iterable[int], num_layers: int) -> list[int]:
     """Resolve a region spec to sorted, unique, 0-based decoder-layer indices.
 
@@ -165,18 +197,7 @@ def select_layers(spec: str | Iterable[int], num_layers: int) -> list[int]:
     """
     num_layers = _check_num_layers(num_layers)
     if not isinstance(spec, str):
-        try:
-            items = list(spec)
-        except TypeError:
-            raise _error(spec, num_layers, "it is neither a string nor a list of integers") from None
-        indices = [_as_index(i) for i in items]
-        if any(i is None for i in indices):
-            bad = next(i for i, index in zip(items, indices) if index is None)
-            raise _error(spec, num_layers, f"a list spec must contain integers only, got {bad!r}")
-        if not items:
-            raise _error(spec, num_layers, "the list is empty (use 'none' for projector-only tuning)")
-        return _parse_index_list(",".join(str(i) for i in indices), num_layers)
-
+        return _select_from_list(spec, num_layers)
     text = spec.strip().lower()
     if not text:
         raise _error(spec, num_layers, "it is empty")
@@ -186,20 +207,7 @@ def select_layers(spec: str | Iterable[int], num_layers: int) -> list[int]:
         return []
     match = _STRATEGY.match(text)
     if match:
-        strategy, size, seed = match.groups()
-        if seed is not None and strategy != "random":
-            raise _error(spec, num_layers, "only random_<n> takes a _seed<s> suffix")
-        k = region_size(size, num_layers, spec=spec)
-        if strategy == "uniform":
-            return _uniform(k, num_layers)
-        if strategy == "first":
-            return list(range(k))
-        if strategy == "last":
-            return list(range(num_layers - k, num_layers))
-        if strategy == "middle":
-            start = (num_layers - k) // 2
-            return list(range(start, start + k))
-        return sorted(random.Random(int(seed or 0)).sample(range(num_layers), k))
+        return _select_strategy(spec, *match.groups(), num_layers)
     if re.match(r"^[a-z]", text):
         raise _error(spec, num_layers, "unknown strategy or malformed size")
     return _parse_index_list(text, num_layers)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from ..backends.transformers import hybrid_quantized_allowed
 from ..callback import RegionFreezeCallback
 from ..freeze import RegionPlan
 from ..lora import region_param_groups
+from ..model_io import ADAPTER_CONFIG, save_model
 from ..record import RegionRecord, read_region, save_region_file, write_region
 
 __all__ = [
@@ -56,7 +56,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass
@@ -94,6 +93,15 @@ class RegionTrainingConfig:
             raise FileNotFoundError(f"conversation file {self.data!r} does not exist")
         if self.images is not None and not os.path.isdir(self.images):
             raise FileNotFoundError(f"image folder {self.images!r} does not exist")
+        self._validate_modes()
+        for name in ("lora_r", "lora_alpha"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {self.max_length}")
+
+    def _validate_modes(self) -> None:
+        """dtype, and which of full / LoRA / QLoRA / hybrid the flags ask for."""
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.bits not in (None, 4, 8):
@@ -113,11 +121,6 @@ class RegionTrainingConfig:
             )
         if self.merge_lora and (not self.lora or self.bits):
             raise ValueError("merge_lora merges LoRA into a full-precision base: it needs --lora and no --bits")
-        for name in ("lora_r", "lora_alpha"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_length is not None and self.max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {self.max_length}")
 
 
 @dataclass
@@ -165,45 +168,28 @@ def load_model(path: str, dtype: Optional[torch.dtype] = None, device: Optional[
     directory's own (an adapter directory without one uses its base model's). ``device``: ``cpu``, ``cuda``, ...
     (default: the first GPU when there is one).
     """
-    from transformers import AutoConfig
-
     from ..data import load_processor
     from ..export import merge_region_lora
-    from ..quant import _dtype_kwargs, model_class_for
+    from ..model_io import adapter_base, load_plain
 
     check_model_dir(path)
-    kwargs = _dtype_kwargs(dtype) if dtype is not None else {}
-    adapter = os.path.join(path, ADAPTER_CONFIG)
-    if os.path.isfile(adapter):
+    base = adapter_base(path)
+    if base is not None:
         from peft import PeftModel
 
-        with open(adapter, encoding="utf-8") as handle:
-            base = json.load(handle).get("base_model_name_or_path")
-        if not base:
-            raise ValueError(f"{adapter} names no base_model_name_or_path to put the adapter on")
         check_model_dir(base)
-        model_cls = model_class_for(AutoConfig.from_pretrained(base))
-        peft_model = PeftModel.from_pretrained(model_cls.from_pretrained(base, **kwargs), path)
+        peft_model = PeftModel.from_pretrained(load_plain(base, dtype), path)
         record = read_region(path)
         model = merge_region_lora(peft_model)
         if record is not None:
             write_region(model.config, record.spec, record.layers, record.num_layers)
         processor = load_processor(_processor_source(path, base))
     else:
-        model = model_class_for(AutoConfig.from_pretrained(path)).from_pretrained(path, **kwargs)
+        model = load_plain(path, dtype)
         processor = load_processor(path)
     if getattr(model, "hf_quantizer", None) is None:
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model.eval(), processor
-
-
-def save_model(model: Any, processor: Any, out_dir: str) -> str:
-    """``save_pretrained`` of the model (its config carries the region / pruning record) and of its processor."""
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir)
-    if processor is not None:
-        processor.save_pretrained(out_dir)
-    return out_dir
 
 
 @contextlib.contextmanager
@@ -305,9 +291,8 @@ def _local_path(path: str) -> str:
 
 
 def _load_for_training(config: RegionTrainingConfig) -> Any:
-    from transformers import AutoConfig
-
-    from ..quant import _dtype_kwargs, load_for_region, load_quantized, model_class_for
+    from ..model_io import load_plain
+    from ..quant import load_for_region, load_quantized
 
     dtype = DTYPES[config.dtype]
     path = _local_path(config.model)  # an absolute base path in the adapter config, so adapters load anywhere
@@ -318,7 +303,7 @@ def _load_for_training(config: RegionTrainingConfig) -> Any:
             path, config.visual_region, config.quantize_frozen, dtype=dtype, layers_path=config.layers_path, apply=False
         )
         return model
-    return model_class_for(AutoConfig.from_pretrained(path)).from_pretrained(path, **_dtype_kwargs(dtype))
+    return load_plain(path, dtype)
 
 
 class _BarOnly(ProgressCallback):
@@ -332,6 +317,57 @@ def _is_main_process(trainer: Any) -> bool:
     """Rank 0 of the run. ``torch.distributed``'s rank is asked too: under DeepSpeed's CPU accelerator the
     TrainingArguments of transformers 5.x report process 0 of 1 on every rank."""
     return trainer.is_world_process_zero() and is_main_process()
+
+
+def _model_and_callback(config: RegionTrainingConfig, args: Any) -> tuple:
+    """The model to train (LoRA-wrapped when asked) and the callback that freezes everything but the region."""
+    model = _load_for_training(config)
+    options: dict = dict(
+        tune_vision_tower=config.tune_vision_tower,
+        tune_projector=config.tune_projector,
+        tune_embeddings=config.tune_embeddings,
+        tune_lm_head=config.tune_lm_head,
+        tune_norm=config.tune_norm,
+        layers_path=config.layers_path,
+    )
+    if config.lora:
+        from ..lora import apply_region_lora, prepare_qlora
+
+        target = config.lora_target if config.lora_target == "all-linear" else config.lora_target.split(",")
+        lora = dict(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target=target,
+            train_projector=config.tune_projector,
+            layers_path=config.layers_path,
+        )
+        if config.bits:
+            model, _ = prepare_qlora(model, config.visual_region, args.gradient_checkpointing, **lora)
+        else:
+            model, _ = apply_region_lora(model, config.visual_region, **lora)
+        options["tune_projector"] = None  # peft's modules_to_save decide: the projector copy trains, not the original
+    return model, RegionFreezeCallback(config.visual_region, **options)
+
+
+def _save_extras(config: RegionTrainingConfig, trainer: Any, plan: RegionPlan, processor: Any) -> list:
+    """On the main process, after the model is saved: trainer state, region file, merged model, region state."""
+    output_dir = trainer.args.output_dir
+    saved = [output_dir]
+    trainer.save_state()
+    if config.lora:
+        save_region_file(output_dir, RegionRecord(plan.spec, plan.layers, plan.num_layers))
+    if config.merge_lora:
+        from ..export import merge_region_lora
+
+        merged_dir = os.path.join(output_dir, "merged")
+        save_model(merge_region_lora(trainer.model), processor, merged_dir)
+        saved.append(merged_dir)
+    if config.quantize_frozen:
+        from ..export import save_region_state
+
+        saved.append(save_region_state(trainer.model, output_dir))
+    return saved
 
 
 def train(
@@ -365,33 +401,7 @@ def train(
         records, config.images, processor, max_length=config.max_length, cache=config.cache_data, source=config.data
     )
     transformers.set_seed(args.seed)  # before the model: LoRA's random init is then the same in every run
-    model = _load_for_training(config)
-    options: dict = dict(
-        tune_vision_tower=config.tune_vision_tower,
-        tune_projector=config.tune_projector,
-        tune_embeddings=config.tune_embeddings,
-        tune_lm_head=config.tune_lm_head,
-        tune_norm=config.tune_norm,
-        layers_path=config.layers_path,
-    )
-    if config.lora:
-        from ..lora import apply_region_lora, prepare_qlora
-
-        target = config.lora_target if config.lora_target == "all-linear" else config.lora_target.split(",")
-        lora = dict(
-            r=config.lora_r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target=target,
-            train_projector=config.tune_projector,
-            layers_path=config.layers_path,
-        )
-        if config.bits:
-            model, _ = prepare_qlora(model, config.visual_region, args.gradient_checkpointing, **lora)
-        else:
-            model, _ = apply_region_lora(model, config.visual_region, **lora)
-        options["tune_projector"] = None  # peft's modules_to_save decide: the projector copy trains, not the original
-    callback = RegionFreezeCallback(config.visual_region, **options)
+    model, callback = _model_and_callback(config, args)
     trainer = RegionTrainer(
         model=model,
         args=args,
@@ -408,23 +418,8 @@ def train(
             trainer.add_callback(_BarOnly)
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
-    saved = [args.output_dir]
     main_process = _is_main_process(trainer)
-    if main_process:
-        trainer.save_state()
-        plan = callback.plan
-        if config.lora:
-            save_region_file(args.output_dir, RegionRecord(plan.spec, plan.layers, plan.num_layers))
-        if config.merge_lora:
-            from ..export import merge_region_lora
-
-            merged_dir = os.path.join(args.output_dir, "merged")
-            save_model(merge_region_lora(trainer.model), processor, merged_dir)
-            saved.append(merged_dir)
-        if config.quantize_frozen:
-            from ..export import save_region_state
-
-            saved.append(save_region_state(trainer.model, args.output_dir))
+    saved = _save_extras(config, trainer, callback.plan, processor) if main_process else [args.output_dir]
     return TrainResult(
         args.output_dir,
         callback.plan,
