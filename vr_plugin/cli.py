@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any, Callable, Iterator, Optional
 
-from .spec import ACCEPTED_FORMS, describe_indices, select_layers
+from .spec import ACCEPTED_FORMS, DEFAULT_SPEC, describe_indices, select_layers
 
 logger = logging.getLogger("vr_plugin.cli")
 
@@ -462,13 +462,18 @@ def _add_train_parser(sub: Any) -> None:
     p.add_argument("--images", help="folder the records' image names are relative to")
     p.add_argument(*_flag("output"), "--output_dir", "--output-dir", dest="output", help="where to save (required)")
     _overwrite_flag(p)
-    p.add_argument(*_flag("visual_region"), default="uniform_0.25", help="region spec (default: %(default)s)")
+    p.add_argument(*_flag("visual_region"), default=DEFAULT_SPEC, help="region spec (default: %(default)s)")
     p.add_argument(*_flag("layers_path"), help="dotted path of the decoder layers, if not found automatically")
     p.add_argument("--lora", action="store_true", help="LoRA adapters on the region layers instead of full weights")
-    p.add_argument(*_flag("lora_r"), type=int, default=16, help="LoRA rank (default: %(default)s)")
-    p.add_argument(*_flag("lora_alpha"), type=int, default=32, help="LoRA alpha (default: %(default)s)")
-    p.add_argument(*_flag("lora_dropout"), type=float, default=0.05, help="LoRA dropout (default: %(default)s)")
-    p.add_argument(*_flag("lora_target"), default="all-linear", help="'all-linear' or kinds like q_proj,v_proj")
+    from .lora import LORA_DEFAULTS
+
+    lora = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout"}
+    for flag, key in lora.items():
+        value = LORA_DEFAULTS[key]
+        p.add_argument(*_flag(flag), type=type(value), default=value, help=f"LoRA {key} (default: %(default)s)")
+    p.add_argument(
+        *_flag("lora_target"), default=LORA_DEFAULTS["target"], help="'all-linear' or kinds like q_proj,v_proj"
+    )
     p.add_argument("--bits", type=int, choices=[4, 8], help="QLoRA: load the LLM in 4-bit nf4 / 8-bit (needs --lora)")
     p.add_argument(
         *_flag("quantize_frozen"), choices=["nf4", "fp4", "int8"], help="hybrid: layers outside the region quantized"

@@ -34,11 +34,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+from .spec import DEFAULT_SPEC
+
 __all__ = ["DemoConfig", "DemoResult", "run_demo", "answer_prior"]
 
 logger = logging.getLogger(__name__)
 
-REGION_SPEC = "uniform_0.25"
+REGION_SPEC = DEFAULT_SPEC
 METRIC = "angular"
 
 

@@ -12,11 +12,9 @@ from typing import Any, Optional
 
 from .freeze import RegionPlan
 from .record import PruningRecord, RegionRecord, read_pruning, read_region
-from .spec import describe_indices
+from .spec import DEFAULT_SPEC, describe_indices
 
 __all__ = ["LayerMap", "layer_map", "meta_model", "depth_strip"]
-
-DEFAULT_SPEC = "uniform_0.25"
 
 
 @dataclass

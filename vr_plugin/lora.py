@@ -19,7 +19,11 @@ from .backends.bitsandbytes import is_quantized_linear, is_quantized_model
 from .locate import PROJECTOR_KEYS, find_decoder_layers, map_parameters, unwrap_model
 from .spec import describe_indices, select_layers
 
+# LoRA's defaults, defined once: region_lora_config, RegionTrainingConfig and the vr-plugin train flags use them.
+LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target": "all-linear"}
+
 __all__ = [
+    "LORA_DEFAULTS",
     "RegionTargets",
     "region_targets",
     "region_lora_config",
@@ -139,10 +143,10 @@ def projector_modules(model: nn.Module) -> list:
 def region_lora_config(
     model: nn.Module,
     spec: Union[str, Iterable[int]],
-    r: int = 16,
-    lora_alpha: int = 32,
-    lora_dropout: float = 0.05,
-    target: Union[str, Sequence[str]] = "all-linear",
+    r: int = LORA_DEFAULTS["r"],
+    lora_alpha: int = LORA_DEFAULTS["lora_alpha"],
+    lora_dropout: float = LORA_DEFAULTS["lora_dropout"],
+    target: Union[str, Sequence[str]] = LORA_DEFAULTS["target"],
     train_projector: bool = True,
     layers_path: Optional[str] = None,
     **peft_kwargs: Any,

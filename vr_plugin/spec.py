@@ -39,7 +39,9 @@ import random
 import re
 from collections.abc import Iterable
 
-__all__ = ["ACCEPTED_FORMS", "select_layers", "region_size", "describe_indices"]
+__all__ = ["ACCEPTED_FORMS", "DEFAULT_SPEC", "select_layers", "region_size", "describe_indices"]
+
+DEFAULT_SPEC = "uniform_0.25"  # the paper's visual region: a quarter of the layers, spread uniformly
 
 ACCEPTED_FORMS = (
     "uniform_<n>, first_<n>, last_<n>, middle_<n>, random_<n>[_seed<s>], all, none, "

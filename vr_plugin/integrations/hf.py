@@ -38,9 +38,10 @@ from ..backends.processes import is_main_process
 from ..backends.transformers import hybrid_quantized_allowed
 from ..callback import RegionFreezeCallback
 from ..freeze import RegionPlan
-from ..lora import region_param_groups
+from ..lora import LORA_DEFAULTS, region_param_groups
 from ..model_io import ADAPTER_CONFIG, save_model
 from ..record import RegionRecord, read_region, save_region_file, write_region
+from ..spec import DEFAULT_SPEC
 
 __all__ = [
     "DTYPES",
@@ -65,13 +66,15 @@ class RegionTrainingConfig:
     model: str = field(metadata={"help": "model directory or hub id of an HF-native LVLM"})
     data: str = field(metadata={"help": "LLaVA-format conversation file (.json list or .jsonl)"})
     images: Optional[str] = field(default=None, metadata={"help": "folder the records' image names are relative to"})
-    visual_region: str = field(default="uniform_0.25", metadata={"help": "region spec (vr-plugin select)"})
+    visual_region: str = field(default=DEFAULT_SPEC, metadata={"help": "region spec (vr-plugin select)"})
     layers_path: Optional[str] = field(default=None, metadata={"help": "dotted path of the decoder layers"})
     lora: bool = field(default=False, metadata={"help": "LoRA on the region layers instead of full parameters"})
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target: str = field(default="all-linear", metadata={"help": "'all-linear' or kinds, e.g. 'q_proj,v_proj'"})
+    lora_r: int = LORA_DEFAULTS["r"]
+    lora_alpha: int = LORA_DEFAULTS["lora_alpha"]
+    lora_dropout: float = LORA_DEFAULTS["lora_dropout"]
+    lora_target: str = field(
+        default=LORA_DEFAULTS["target"], metadata={"help": "'all-linear' or kinds, e.g. 'q_proj,v_proj'"}
+    )
     bits: Optional[int] = field(default=None, metadata={"help": "4 or 8: load the LLM quantized (QLoRA, with lora)"})
     quantize_frozen: Optional[str] = field(default=None, metadata={"help": "nf4/fp4/int8: layers outside the region"})
     tune_vision_tower: bool = False
