@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from typing import Iterator, Optional
 
 _configured = False
 
@@ -49,3 +51,28 @@ def setup_logging() -> logging.Logger:
         logger.setLevel(os.environ.get("VR_PLUGIN_LOG_LEVEL", "INFO").upper())
         logger.propagate = False
     return logger
+
+
+@contextlib.contextmanager
+def log_levels(
+    level: int, *, logger: str = "vr_plugin", transformers_level: Optional[int] = None, bars: Optional[bool] = None
+) -> Iterator[None]:
+    """Set ``logger``'s level (and transformers' verbosity and loading bars, when given) inside the block only.
+
+    The one way vr_plugin quiets or raises log output: ``-q`` / ``-v``, the demo, ``inspect``'s rendering.
+    """
+    from transformers.utils import logging as hf_logging
+
+    target = logging.getLogger(logger)
+    saved = target.level, hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    target.setLevel(level)
+    if transformers_level is not None:
+        hf_logging.set_verbosity(transformers_level)
+    if bars is not None:
+        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        target.setLevel(saved[0])
+        hf_logging.set_verbosity(saved[1])
+        (hf_logging.enable_progress_bar if saved[2] else hf_logging.disable_progress_bar)()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, Iterable, Optional, Union
@@ -13,6 +12,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .backends.deepspeed import optimizer_parameters as deepspeed_groups
 from .distributed import check_fsdp
 from .freeze import RegionPlan, apply_visual_region
+from .io import write_json
 from .locate import unwrap_model
 from .record import RegionRecord, check_resume_region, save_region_file
 
@@ -116,10 +116,7 @@ def write_plan(plan: RegionPlan, path: str) -> str:
         "groups": {name: {"trainable": c.trainable, "total": c.total} for name, c in plan.groups.items()},
         "trainable_names": plan.trainable_names,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1)
-    return path
+    return write_json(path, data, indent=1)
 
 
 def _resume_candidates(args: Any) -> list:

@@ -632,17 +632,10 @@ def _verbosity(args: argparse.Namespace) -> Iterator[None]:
     if level is None:
         yield
         return
-    import transformers
+    from ._logging import log_levels
 
-    library = logging.getLogger("vr_plugin")
-    saved = library.level, transformers.logging.get_verbosity()
-    library.setLevel(level)
-    transformers.logging.set_verbosity(level)
-    try:
+    with log_levels(level, transformers_level=level):
         yield
-    finally:
-        library.setLevel(saved[0])
-        transformers.logging.set_verbosity(saved[1])
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -25,15 +25,16 @@ Every stage runs through the same functions as ``vr-plugin train / eval / score 
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
-import json
 import logging
 import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
+from .io import write_json
 from .spec import DEFAULT_SPEC
 
 __all__ = ["DemoConfig", "DemoResult", "run_demo", "answer_prior"]
@@ -120,30 +121,14 @@ def _per_question(report: Any) -> dict:
     return {q: sum(v) / len(v) for q, v in groups.items()}
 
 
-class _Quiet:
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
     """Inside the demo: the vr_plugin library's INFO lines and transformers' loading bars stay off the console."""
+    from ._logging import log_levels
 
-    def __enter__(self) -> _Quiet:
-        from transformers.utils import logging as hf_logging
-
-        self.library = logging.getLogger("vr_plugin")
-        self.level = self.library.level
-        self.bars = hf_logging.is_progress_bar_enabled()
-        self.hf_level = hf_logging.get_verbosity()
-        self.library.setLevel(logging.WARNING)
-        logger.setLevel(logging.INFO)  # the demo's own stage lines
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        from transformers.utils import logging as hf_logging
-
-        self.library.setLevel(self.level)
-        logger.setLevel(logging.NOTSET)
-        hf_logging.set_verbosity(self.hf_level)
-        if self.bars:
-            hf_logging.enable_progress_bar()
+    with log_levels(logging.WARNING, transformers_level=logging.ERROR, bars=False):
+        with log_levels(logging.INFO, logger=logger.name):  # the demo's own stage lines
+            yield
 
 
 def _training_args(out: str, steps: int, config: DemoConfig, progress: bool) -> Any:
@@ -177,7 +162,7 @@ def run_demo(out_dir: str = "vr_demo", config: Optional[DemoConfig] = None, prog
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
-        with _Quiet():
+        with _quiet():
             return _run(os.path.abspath(out_dir), config, progress)
     finally:
         torch.set_num_threads(threads)
@@ -280,8 +265,7 @@ def _run(out: str, config: DemoConfig, progress: bool) -> DemoResult:  # noqa: P
     seconds = time.perf_counter() - start
     report = _write_report(out, config, rows, evals, scores, removed, prior, timings, seconds, plot, torch)
     summary = {"config": asdict(config), "rows": rows, "answer_prior": prior, "seconds": seconds, "timings": timings}
-    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as handle:
-        json.dump(summary, handle, indent=1)
+    write_json(os.path.join(out, "results.json"), summary, indent=1)
     logger.info("done in %.0fs", seconds)
     return DemoResult(out, report, plot, rows, seconds, files={"data": data, "models": models})
 

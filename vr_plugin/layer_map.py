@@ -119,15 +119,12 @@ def layer_map(
         spec_or_layers: Any = recorded.layers  # the recorded indices (e.g. renumbered after pruning)
     else:
         spec_or_layers = spec
-    quiet = logging.getLogger("vr_plugin.freeze")
-    level = quiet.level
-    quiet.setLevel(logging.WARNING)  # the plan is rendered here, not logged
-    try:
+    from ._logging import log_levels
+
+    with log_levels(logging.WARNING, logger="vr_plugin.freeze"):  # the plan is rendered here, not logged
         plan = apply_visual_region(
             model, spec_or_layers, tune_vision_tower=tune_vision_tower, layers_path=layers_path, record=False
         )
-    finally:
-        quiet.setLevel(level)
     plan.spec = spec
     return LayerMap(
         path=path,

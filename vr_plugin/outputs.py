@@ -19,6 +19,8 @@ import os
 import shutil
 from typing import Iterable, Iterator, Optional
 
+from .io import write_json
+
 __all__ = ["COMPLETE", "INCOMPLETE", "check_complete", "check_output", "check_weight_files", "writing"]
 
 logger = logging.getLogger(__name__)
@@ -93,16 +95,12 @@ def check_weight_files(path: str) -> None:
 def _mark(directory: str, command: str) -> None:
     os.makedirs(directory, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    with open(os.path.join(directory, INCOMPLETE), "w", encoding="utf-8") as handle:
-        json.dump({"command": command, "started": stamp, "pid": os.getpid()}, handle)
+    write_json(os.path.join(directory, INCOMPLETE), {"command": command, "started": stamp, "pid": os.getpid()})
 
 
 def _finish(directory: str, command: str) -> None:
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    complete = os.path.join(directory, COMPLETE)
-    with open(complete + ".tmp", "w", encoding="utf-8") as handle:
-        json.dump({"command": command, "completed": stamp}, handle, indent=2)
-    os.replace(complete + ".tmp", complete)
+    write_json(os.path.join(directory, COMPLETE), {"command": command, "completed": stamp})
     os.remove(os.path.join(directory, INCOMPLETE))
 
 

@@ -124,11 +124,9 @@ def read_pruning(source: Any) -> Optional[PruningRecord]:
 
 def save_region_file(directory: str, record: RegionRecord) -> str:
     """Write ``visual_region.json`` into ``directory`` (for adapter-only checkpoints)."""
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, REGION_FILE)
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(asdict(record), handle, indent=2)
-    return path
+    from .io import write_json
+
+    return write_json(os.path.join(directory, REGION_FILE), asdict(record), indent=2)
 
 
 def check_resume_region(checkpoint_dir: str, layers: list, spec: str = "") -> None:
