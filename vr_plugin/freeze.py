@@ -15,7 +15,8 @@ from .backends.bitsandbytes import is_quantized_param
 from .backends.processes import is_main_process
 from .locate import DecoderLayers, find_decoder_layers, map_parameters, numel, unwrap_model
 from .record import write_region
-from .spec import describe_indices, select_layers
+from .region import as_region
+from .spec import describe_indices
 
 __all__ = ["RegionPlan", "GroupCount", "apply_visual_region", "region_layer_names"]
 
@@ -82,10 +83,6 @@ class RegionPlan:
                 rows.append(f"{name:<14}{count.trainable:>16,}{count.total:>16,}")
         rows.append(f"{'all':<14}{self.trainable:>16,}{self.total:>16,}")
         return "\n".join(rows)
-
-
-def _spec_text(spec: Union[str, Iterable[int]]) -> str:
-    return spec.strip() if isinstance(spec, str) else ",".join(str(int(i)) for i in spec)
 
 
 def _adapter_names(model: nn.Module) -> set:
@@ -232,9 +229,9 @@ def apply_visual_region(
     with every checkpoint).  Returns a :class:`RegionPlan` with per-group
     counts (DeepSpeed ZeRO-3 aware).  Call it before the optimizer exists.
     """
-    location = find_decoder_layers(model, layers_path)
-    num_layers = len(location.layers)
-    indices = select_layers(spec, num_layers)
+    resolved = as_region(model, spec, layers_path)  # a Region passes as it is: no re-parsing, no new search
+    location = find_decoder_layers(model, layers_path or resolved.layers_path)
+    num_layers, indices = resolved.num_layers, list(resolved.layers)
     region = set(indices)
     adapter_parts = _adapter_names(model)
     params = map_parameters(model, location)
@@ -265,7 +262,7 @@ def apply_visual_region(
             trainable_params.append(p)
 
     plan = RegionPlan(
-        spec=_spec_text(spec),
+        spec=resolved.spec,
         layers=indices,
         num_layers=num_layers,
         layers_path=location.name,

@@ -17,7 +17,8 @@ from torch import nn
 
 from .backends.bitsandbytes import is_quantized_linear, is_quantized_model
 from .locate import PROJECTOR_KEYS, find_decoder_layers, map_parameters, unwrap_model
-from .spec import describe_indices, select_layers
+from .region import as_region, spec_text
+from .spec import describe_indices
 
 # LoRA's defaults, defined once: region_lora_config, RegionTrainingConfig and the vr-plugin train flags use them.
 LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target": "all-linear"}
@@ -88,10 +89,11 @@ def region_targets(
     Raises ``ValueError`` when the region is empty or a region layer would receive no adapter.
     """
     core = unwrap_model(model)
-    location = find_decoder_layers(core, layers_path)
-    indices = select_layers(spec, len(location.layers))
+    resolved = as_region(core, spec, layers_path)
+    location = find_decoder_layers(core, layers_path or resolved.layers_path)
+    indices = list(resolved.layers)
     if not indices:
-        raise ValueError(f"visual region {spec!r} selects no layer, so LoRA would have nothing to adapt")
+        raise ValueError(f"visual region {resolved.spec!r} selects no layer, so LoRA would have nothing to adapt")
     kinds = None if target == "all-linear" else {target} if isinstance(target, str) else set(target)
     per_layer: OrderedDict = OrderedDict()
     shapes = {}
@@ -184,7 +186,7 @@ def region_lora_config(
     logger.info(
         "region LoRA %r: %d adapters on layers [%s] of %s (adapters per layer %s), %s LoRA parameters at r=%d; "
         "full-precision modules: %s",
-        spec if isinstance(spec, str) else describe_indices(spec),
+        spec_text(spec),
         len(targets.names),
         describe_indices(targets.per_layer),
         targets.layers_name,

@@ -28,6 +28,7 @@ from torch import nn
 from .layer_fields import INDEX_LISTS, PER_LAYER, plan_layer_fields
 from .locate import find_decoder_layers, text_config, unwrap_model, visual_entry_layers
 from .record import PruningRecord, read_pruning, read_region, write_pruning, write_region
+from .region import Region, spec_text
 from .spec import select_layers
 
 __all__ = ["prune_outside_region", "choose_layers_to_remove", "remove_layers"]
@@ -253,6 +254,10 @@ def remove_layers(model: nn.Module, remove: Iterable[int], layers_path: Optional
 def _region_layers(core: nn.Module, region: Union[str, Iterable[int], None], depth: int) -> list:
     """The region in current numbering: as given, else as recorded in the config (empty when none)."""
     recorded = read_region(core)
+    if isinstance(region, Region):
+        if region.num_layers != depth:
+            raise ValueError(f"region {region.spec!r} was resolved for {region.num_layers} layers, model has {depth}")
+        return list(region.layers)
     if region is not None:
         return select_layers(region, depth)
     if recorded is None:
@@ -347,7 +352,7 @@ def prune_outside_region(
     write_pruning(core.config, record)
     if region_layers or recorded is not None:
         new_region = [keep.index(i) for i in region_layers if i in keep]
-        spec = recorded.spec if recorded is not None and region is None else str(region)
+        spec = recorded.spec if recorded is not None and region is None else spec_text(region)
         write_region(core.config, spec, new_region, len(keep))
     logger.info(
         "pruned %d layers %s; removed in all (original numbering) %s; %d of %d original layers kept%s",

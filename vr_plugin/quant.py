@@ -19,7 +19,7 @@ from .backends.bitsandbytes import is_quant_state_key, is_quantized_linear
 from .freeze import RegionPlan, apply_visual_region
 from .locate import find_decoder_layers, map_parameters
 from .model_io import dtype_kwargs, model_class_for
-from .spec import select_layers
+from .region import as_region
 
 __all__ = [
     "QUANT_KINDS",
@@ -132,7 +132,7 @@ def load_quantized(
     with init_empty_weights():  # names and depth before any weight loads
         skeleton = model_cls.from_config(config)
     location = find_decoder_layers(skeleton, layers_path)
-    region = select_layers(keep_region, len(location.layers)) if keep_region is not None else []
+    region = list(as_region(skeleton, keep_region, layers_path).layers) if keep_region is not None else []
     keep = _full_precision_modules(skeleton, location, region)
     del skeleton
     quant = bnb_config(kind, compute_dtype or dtype, skip_modules=_skip_patterns(keep))

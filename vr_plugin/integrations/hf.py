@@ -323,8 +323,14 @@ def _is_main_process(trainer: Any) -> bool:
 
 
 def _model_and_callback(config: RegionTrainingConfig, args: Any) -> tuple:
-    """The model to train (LoRA-wrapped when asked) and the callback that freezes everything but the region."""
+    """The model to train (LoRA-wrapped when asked) and the callback that freezes everything but the region.
+
+    The region is resolved once here and the :class:`vr_plugin.region.Region` goes to LoRA and the callback.
+    """
+    from ..region import resolve_region
+
     model = _load_for_training(config)
+    region = resolve_region(model, config.visual_region, config.layers_path)
     options: dict = dict(
         tune_vision_tower=config.tune_vision_tower,
         tune_projector=config.tune_projector,
@@ -346,11 +352,11 @@ def _model_and_callback(config: RegionTrainingConfig, args: Any) -> tuple:
             layers_path=config.layers_path,
         )
         if config.bits:
-            model, _ = prepare_qlora(model, config.visual_region, args.gradient_checkpointing, **lora)
+            model, _ = prepare_qlora(model, region, args.gradient_checkpointing, **lora)
         else:
-            model, _ = apply_region_lora(model, config.visual_region, **lora)
+            model, _ = apply_region_lora(model, region, **lora)
         options["tune_projector"] = None  # peft's modules_to_save decide: the projector copy trains, not the original
-    return model, RegionFreezeCallback(config.visual_region, **options)
+    return model, RegionFreezeCallback(region, **options)
 
 
 def _save_extras(config: RegionTrainingConfig, trainer: Any, plan: RegionPlan, processor: Any) -> list:
