@@ -68,7 +68,7 @@ def test_failed_replace_leaves_the_previous_contents(capsys, tmp_path, llava, da
             handle.write(b"half a model")
         raise RuntimeError("killed mid-training")
 
-    monkeypatch.setattr("vr_plugin.integrations.hf.train", crash)
+    monkeypatch.setattr("vr_plugin.training.train", crash)
     with pytest.raises(RuntimeError, match="killed mid-training"):
         cli(capsys, *_train(llava, data, out, "--overwrite_output_dir"))
     assert _listing(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
@@ -83,7 +83,7 @@ def test_unfinished_directory_is_refused_by_eval_score_and_prune(capsys, tmp_pat
         AutoModelForImageTextToText.from_pretrained(llava).save_pretrained(args.output_dir)  # looks complete
         raise RuntimeError("killed before the end")
 
-    monkeypatch.setattr("vr_plugin.integrations.hf.train", crash)
+    monkeypatch.setattr("vr_plugin.training.train", crash)
     with pytest.raises(RuntimeError):
         cli(capsys, *_train(llava, data, out))
     assert json.loads((out / INCOMPLETE).read_text())["command"] == "vr-plugin train"

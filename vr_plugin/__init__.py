@@ -41,7 +41,7 @@ _LAZY = {
     "score_layers": "score",
     "load_scores": "score",
     "prune_outside_region": "prune",
-    "RegionTrainer": "integrations.hf",
+    "RegionTrainer": "training",
     "fsdp_config": "distributed",
 }
 
@@ -53,13 +53,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from .distributed import fsdp_config  # noqa: F401
     from .export import load_region_state, merge_region_lora, save_region_adapter, save_region_state  # noqa: F401
     from .freeze import RegionPlan, apply_visual_region  # noqa: F401
-    from .integrations.hf import RegionTrainer  # noqa: F401
     from .locate import DecoderLayers, find_decoder_layers, map_parameters, num_layers_from_config  # noqa: F401
     from .lora import apply_region_lora, prepare_qlora, region_lora_config, region_param_groups  # noqa: F401
     from .prune import prune_outside_region  # noqa: F401
     from .quant import bnb_config, load_for_region, load_quantized  # noqa: F401
     from .record import read_pruning, read_region  # noqa: F401
     from .score import load_scores, score_layers  # noqa: F401
+    from .training import RegionTrainer  # noqa: F401
 
 setup_logging()
 

@@ -99,7 +99,7 @@ def _existing_dir(path: Optional[str], what: str) -> Optional[str]:
 def _dtype(name: Optional[str]):
     if name is None:
         return None
-    from .integrations.hf import DTYPES
+    from .training import DTYPES
 
     return DTYPES[name]
 
@@ -134,8 +134,8 @@ def _writable_file(path: str, flag: str) -> None:
 
 
 def _load(args: argparse.Namespace) -> tuple:
-    from .integrations.hf import check_model_dir, load_model
     from .outputs import check_complete, check_weight_files
+    from .training import check_model_dir, load_model
 
     check_model_dir(args.model)
     check_complete(args.model)
@@ -155,8 +155,8 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Print the layer map of a model directory, from its config on the meta device."""
-    from .integrations.hf import check_model_dir
     from .layer_map import layer_map
+    from .training import check_model_dir
 
     check_model_dir(args.model_dir)
     print(layer_map(args.model_dir, args.visual_region, tune_vision_tower=args.tune_vision_tower).render())
@@ -177,7 +177,7 @@ def cmd_train(args: argparse.Namespace, hf_args: list) -> int:
     """Visual instruction tuning with the region; HF TrainingArguments from the remaining flags."""
     from dataclasses import fields
 
-    from .integrations.hf import RegionTrainingConfig, train
+    from .training import RegionTrainingConfig, train
 
     if args.output is None:
         raise CliError("the following arguments are required: --output")
@@ -283,7 +283,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     model, processor = _load(args)
     batches = None
     if args.metric == "weight_change":
-        from .integrations.hf import load_model
+        from .training import load_model
 
         reference, _ = load_model(args.reference, dtype=_dtype(args.dtype), device=args.device)
     else:
@@ -333,9 +333,9 @@ def _remove_amount(text: str):
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Remove decoder layers outside the region and save the pruned model."""
-    from .integrations.hf import save_model
     from .prune import prune_outside_region
     from .record import read_region
+    from .training import save_model
 
     if (args.remove is None) == (args.layers is None):
         raise CliError("give either --remove COUNT|RATIO (with --scores) or --layers I,J,...")

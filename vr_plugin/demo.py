@@ -174,11 +174,11 @@ def _run(out: str, config: DemoConfig, progress: bool) -> DemoResult:  # noqa: P
 
     from .data import calibration_batches
     from .evaluate import evaluate
-    from .integrations.hf import RegionTrainingConfig, load_model, save_model, train
     from .prune import prune_outside_region
     from .score import score_layers
     from .synthetic import make_vqa_dataset
     from .tiny import save_tiny_lvlm
+    from .training import RegionTrainingConfig, load_model, save_model, train
 
     start = time.perf_counter()
     models = os.path.join(out, "models")

@@ -1,7 +1,7 @@
 """Model I/O, written once: the Auto class of a config, the dtype keyword, an adapter's base, plain loading, saving.
 
 :func:`vr_plugin.quant.load_quantized` / :func:`~vr_plugin.quant.load_for_region` (bitsandbytes) and
-:func:`vr_plugin.integrations.hf.load_model` (directories ``vr-plugin`` writes, adapters merged) build on these;
+:func:`vr_plugin.training.load_model` (directories ``vr-plugin`` writes, adapters merged) build on these;
 result files go through :func:`vr_plugin.io.write_json`.
 """
 
