@@ -260,7 +260,7 @@ def _run(out: str, config: DemoConfig, progress: bool) -> DemoResult:  # noqa: P
     prior = answer_prior(data["train"], data["test"])
     rows = _rows(config, runs, evals, pruned)
     removed = {name: record.removed for name, record in pruned.items()}
-    plot = _plots(out, config, scores, removed, base_run, runs)
+    plot = _plots(out, config, scores, removed, base_run, runs, _visual_entry(init))
     timings["report"] = time.perf_counter() - t
     seconds = time.perf_counter() - start
     report = _write_report(out, config, rows, evals, scores, removed, prior, timings, seconds, plot, torch)
@@ -293,7 +293,18 @@ def _rows(config: DemoConfig, runs: dict, evals: dict, pruned: dict) -> list:
     ]  # fmt: skip
 
 
-def _plots(out: str, config: DemoConfig, scores: dict, pruned: dict, base_run: Any, runs: dict) -> Optional[str]:
+def _visual_entry(model_dir: str) -> dict:
+    """The demo model's visual-entry layers (none for its Llava; drawn in layers.png where a model has them)."""
+    from transformers import AutoConfig
+
+    from .locate import visual_entry_layers
+
+    return visual_entry_layers(AutoConfig.from_pretrained(model_dir))
+
+
+def _plots(  # noqa: PLR0915 - one figure per block, drawn top to bottom
+    out: str, config: DemoConfig, scores: dict, pruned: dict, base_run: Any, runs: dict, entry: Optional[dict] = None
+) -> Optional[str]:
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -305,7 +316,10 @@ def _plots(out: str, config: DemoConfig, scores: dict, pruned: dict, base_run: A
     colours = ["tab:red" if i in pruned["region"] else "tab:blue" if i in region else "lightgrey" for i in layers]
     figure = Figure(figsize=(8, 4.2), layout="constrained")
     axes = figure.subplots()
-    axes.bar(layers, [scores["region"][i] for i in layers], color=colours, edgecolor="black", linewidth=0.5)
+    entry = entry or {}
+    hatches = ["//" if i in entry else "" for i in layers]  # where images enter the LLM: kept by pruning
+    axes.bar(layers, [scores["region"][i] for i in layers], color=colours, edgecolor="black", linewidth=0.5,
+             hatch=hatches)  # fmt: skip
     axes.plot(layers, [scores["full"][i] for i in layers], "o--", color="black", markersize=4, linewidth=1)
     for i in pruned["region"]:
         axes.annotate("pruned", (i, scores["region"][i]), ha="center", va="bottom", fontsize=8, color="tab:red")
@@ -318,6 +332,11 @@ def _plots(out: str, config: DemoConfig, scores: dict, pruned: dict, base_run: A
             Patch(color="lightgrey", label="outside the region, frozen"),
             Patch(color="tab:red", label="outside the region, pruned"),
             Line2D([], [], color="black", marker="o", linestyle="--", markersize=4, label="full-tuning model's score"),
+            *(
+                [Patch(facecolor="white", edgecolor="black", hatch="//", label="visual-entry layer (kept)")]
+                if entry
+                else []
+            ),
         ],
         fontsize=8,
         loc="upper center",
