@@ -191,9 +191,112 @@ def _weight_change(model: nn.Module, reference: nn.Module, layers_path: Optional
     return scores
 
 
-# Long on purpose for now: the hooks, the accumulation and the reduction share state; to be split into those steps.
+class _BlockDistances:
+    """Hooks on every decoder layer: each block's input is held until its output arrives, then their per-token
+    distance (Block Influence or angular) is accumulated per token class (all / image / text)."""
+
+    def __init__(self, model: nn.Module, metric: str, n: int, last_token: bool, find_mask: Callable) -> None:
+        self.model, self.metric, self.n, self.last_token, self.find_mask = model, metric, n, last_token, find_mask
+        self.held: dict = {}  # layer index -> its input, kept only until the block's output arrives
+        self.batch: dict = {}
+        self.types: Optional[dict] = None  # token class -> mask, fixed when the batch enters the first layer
+        self.observer: Any = None
+        self.acc = _Accumulator()
+
+    def attach(self, layers: nn.ModuleList) -> list:
+        handles = []
+        for index, layer in enumerate(layers):
+            handles.append(layer.register_forward_pre_hook(self._pre(index), with_kwargs=True))
+            handles.append(layer.register_forward_hook(self._post(index), with_kwargs=True))
+        return handles
+
+    def start(self, batch: dict, observer: Any) -> None:
+        """A new batch: forget the previous one's inputs and token classes."""
+        self.batch, self.types, self.observer = batch, None, observer
+        self.held.clear()
+
+    def _pre(self, index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = _first_tensor(args, kwargs)
+            if hidden is None:
+                raise RuntimeError(f"layer {index}: cannot find the hidden states among its inputs")
+            if self.types is None:  # the batch's first layer: fix which tokens count
+                self.types = _token_masks(
+                    self.model, hidden, self.batch, self.observer, self.find_mask, self.metric, self.last_token
+                )
+            self.held[index] = hidden.detach()
+
+        return hook
+
+    def _post(self, index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            start = index - self.n + 1
+            if start < 0:
+                return
+            values = _cosine(self.held.pop(start), _output_tensor(output))
+            values = torch.arccos(values) / math.pi if self.metric == "angular" else 1.0 - values
+            for kind, mask in self.types.items():
+                self.acc.add((start, kind), values, mask)
+            for stale in [k for k in self.held if k <= start]:
+                del self.held[stale]
+
+        return hook
+
+    def tokens(self) -> int:
+        """Tokens of the current batch that count."""
+        return int(self.types["all"].sum()) if self.types else 0
+
+    def scores(self, num_layers: int) -> dict:
+        """Reduce: the mean distance per block start, for the metric's token class(es)."""
+        starts = range(num_layers - self.n + 1)
+        mean = self.acc.mean
+        if self.metric in ("bi", "angular"):
+            return {i: mean((i, "all")) for i in starts}
+        if self.metric in ("bi_image", "bi_text"):
+            kind = self.metric[3:]
+            return {i: mean((i, kind)) for i in starts}
+        return {i: 0.5 * (mean((i, "image")) + mean((i, "text"))) for i in starts}
+
+
+def _gathering(model: nn.Module, layers: nn.ModuleList) -> tuple:
+    """``(hooks, context)`` that make a ``zero.Init``-partitioned model whole for scoring (no engine fetches its
+    parameters): each layer's for its own forward, the rest for the whole pass. Nothing for other models."""
+    if not zero3_partitioned(model) or zero3_hooked(layers[0]):
+        return [], contextlib.nullcontext()
+    in_layers = {id(p) for p in layers.parameters()}
+    return _gather_per_layer(layers), gathered([p for p in model.parameters() if id(p) not in in_layers])
+
+
+def _run_batches(model: nn.Module, batches: Iterable[dict], distances: _BlockDistances, handles: list, outside: Any,
+                 progress: bool) -> int:  # fmt: skip
+    """Forward every batch (no labels, no cache) in eval mode with the hooks on; return the tokens that counted."""
+    device = next(unwrap_model(model).parameters()).device
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        iterator = batches
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(batches, desc=f"scoring layers ({distances.metric})", unit="batch")
+        with outside, _SpliceObserver(model) as observer:
+            for batch in iterator:
+                batch = _batches_to_device({k: v for k, v in batch.items() if k != "labels"}, device)
+                distances.start(batch, observer)
+                observer.reset()
+                reset_position_state(model)
+                model(**batch, use_cache=False)
+                seen += distances.tokens()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return seen
+
+
 @torch.no_grad()
-def score_layers(  # noqa: C901, PLR0915
+def score_layers(
     model: nn.Module,
     batches: Optional[Iterable[dict]] = None,
     metric: str = "bi",
@@ -231,86 +334,12 @@ def score_layers(  # noqa: C901, PLR0915
     if n < 1 or n > num_layers or (n > 1 and metric != "angular"):
         raise ValueError(f"n={n} is only valid for metric 'angular' with 1 <= n <= {num_layers}")
 
-    held: dict = {}  # layer index -> its input, kept only until the block's output arrives
-    state: dict = {"batch": {}, "types": None}
-    acc = _Accumulator()
-    find_mask = image_mask_fn or image_token_mask
-
-    def pre_hook(index: int) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden = _first_tensor(args, kwargs)
-            if hidden is None:
-                raise RuntimeError(f"layer {index}: cannot find the hidden states among its inputs")
-            if state["types"] is None:  # the batch's first layer: fix which tokens count
-                state["types"] = _token_masks(model, hidden, state["batch"], observer, find_mask, metric, last_token)
-            held[index] = hidden.detach()
-
-        return hook
-
-    def post_hook(index: int) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            start = index - n + 1
-            if start < 0:
-                return
-            source = held.pop(start)
-            values = _cosine(source, _output_tensor(output))
-            if metric == "angular":
-                values = torch.arccos(values) / math.pi
-            else:
-                values = 1.0 - values
-            for kind, mask in state["types"].items():
-                acc.add((start, kind), values, mask)
-            for stale in [k for k in held if k <= start]:
-                del held[stale]
-
-        return hook
-
-    handles = []
-    for index, layer in enumerate(location.layers):
-        handles.append(layer.register_forward_pre_hook(pre_hook(index), with_kwargs=True))
-        handles.append(layer.register_forward_hook(post_hook(index), with_kwargs=True))
-    gather = zero3_partitioned(model) and not zero3_hooked(location.layers[0])
-    outside = contextlib.nullcontext()
-    if gather:  # partitioned by zero.Init with no engine to fetch parameters: gather them here, layer by layer
-        handles.extend(_gather_per_layer(location.layers))
-        in_layers = {id(p) for p in location.layers.parameters()}
-        outside = gathered([p for p in model.parameters() if id(p) not in in_layers])
-    device = next(unwrap_model(model).parameters()).device
-    was_training = model.training
-    model.eval()
-    seen = 0
-    try:
-        iterator = batches
-        if progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(batches, desc=f"scoring layers ({metric})", unit="batch")
-        with outside, _SpliceObserver(model) as observer:
-            for batch in iterator:
-                batch = _batches_to_device({k: v for k, v in batch.items() if k != "labels"}, device)
-                state["batch"], state["types"] = batch, None
-                observer.reset()
-                held.clear()
-                reset_position_state(model)
-                model(**batch, use_cache=False)
-                seen += int(state["types"]["all"].sum()) if state["types"] else 0
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    distances = _BlockDistances(model, metric, n, last_token, image_mask_fn or image_token_mask)
+    gather_hooks, outside = _gathering(model, location.layers)
+    seen = _run_batches(model, batches, distances, distances.attach(location.layers) + gather_hooks, outside, progress)
     if seen == 0:
         raise ValueError("score_layers saw no tokens: the calibration batches were empty")
-
-    starts = range(num_layers - n + 1)
-    if metric in ("bi", "angular"):
-        scores = {i: acc.mean((i, "all")) for i in starts}
-    elif metric == "bi_image":
-        scores = {i: acc.mean((i, "image")) for i in starts}
-    elif metric == "bi_text":
-        scores = {i: acc.mean((i, "text")) for i in starts}
-    else:
-        scores = {i: 0.5 * (acc.mean((i, "image")) + acc.mean((i, "text"))) for i in starts}
-    report = ScoreReport(metric, scores, num_layers, model_id, data_description, n=n, tokens=seen)
+    report = ScoreReport(metric, distances.scores(num_layers), num_layers, model_id, data_description, n=n, tokens=seen)
     report.extra["last_token"] = last_token
     return _finish(report, out, model)
 
