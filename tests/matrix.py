@@ -9,6 +9,7 @@ the installed transformers does not have (or builds differently).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import pytest
 
@@ -17,6 +18,8 @@ from vr_plugin.tiny import available
 from .common import NEW_HF_LAYOUT
 
 L = "model.language_model.layers"
+# The families the first test modules (test_locate, test_freeze, test_lora, test_cli) were written for.
+LEGACY = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "paligemma", "llama")
 QWEN3_PROJECTOR = ("model.visual.merger.", "model.visual.deepstack_merger_list.")  # DeepStack's mergers project too
 
 
@@ -27,10 +30,15 @@ class Case:
     name: str  # vr_plugin.tiny architecture
     layers: str  # the LLM's decoder layers
     projector: tuple  # parameter-name prefixes of the multimodal projector
-    vision: str  # parameter-name prefix of the vision tower
+    vision: Optional[str]  # parameter-name prefix of the vision tower (None: a text-only LLM)
     entry: tuple = ()  # visual-entry layers of the tiny model (8 layers): protected from pruning
     processor: bool = False  # vr_plugin.tiny.save_tiny_lvlm builds it: `vr-plugin train` runs end to end
     forward: bool = True  # the model's own forward runs (else tests drive its language model alone)
+    old: Optional[tuple] = None  # (layers, projector, vision) in transformers <= 4.51's layout, where it differs
+
+    def paths(self, new_layout: bool = True) -> tuple:
+        """``(layers, projector prefixes, vision prefix)`` in the installed transformers' layout."""
+        return (self.layers, list(self.projector), self.vision) if new_layout or self.old is None else self.old
 
     def region_names(self, names, layers=(1, 7)) -> set:
         """Of ``names``, those inside decoder layers ``layers``."""
@@ -40,22 +48,25 @@ class Case:
         return {n for n in names if n.startswith(self.projector)}
 
 
+# fmt: off
 CASES = {
     case.name: case
     for case in (
-        Case("llava", L, ("model.multi_modal_projector.",), "model.vision_tower.", processor=True),
-        Case(
-            "llava_next",
-            L,
-            ("model.multi_modal_projector.", "model.image_newline"),
-            "model.vision_tower.",
-            processor=True,
-        ),
-        Case("llava_onevision", L, ("model.multi_modal_projector.", "model.image_newline"), "model.vision_tower."),
-        Case("qwen2_vl", L, ("model.visual.merger.",), "model.visual.", processor=True),
-        Case("qwen2_5_vl", L, ("model.visual.merger.",), "model.visual.", processor=True),
+        Case("llava", L, ("model.multi_modal_projector.",), "model.vision_tower.", processor=True,
+             old=("language_model.model.layers", ["multi_modal_projector."], "vision_tower.")),
+        Case("llava_next", L, ("model.multi_modal_projector.", "model.image_newline"), "model.vision_tower.",
+             processor=True,
+             old=("language_model.model.layers", ["multi_modal_projector.", "image_newline"], "vision_tower.")),
+        Case("llava_onevision", L, ("model.multi_modal_projector.", "model.image_newline"), "model.vision_tower.",
+             old=("language_model.model.layers", ["multi_modal_projector.", "image_newline"], "vision_tower.")),
+        Case("qwen2_vl", L, ("model.visual.merger.",), "model.visual.", processor=True,
+             old=("model.layers", ["visual.merger."], "visual.")),
+        Case("qwen2_5_vl", L, ("model.visual.merger.",), "model.visual.", processor=True,
+             old=("model.layers", ["visual.merger."], "visual.")),
         Case("idefics3", "model.text_model.layers", ("model.connector.",), "model.vision_model."),
-        Case("paligemma", L, ("model.multi_modal_projector.",), "model.vision_tower."),
+        Case("paligemma", L, ("model.multi_modal_projector.",), "model.vision_tower.",
+             old=("language_model.model.layers", ["multi_modal_projector."], "vision_tower.")),
+        Case("llama", "model.layers", (), None),  # a text-only LLM: the region without a vision tower
         Case("gemma3", L, ("model.multi_modal_projector.",), "model.vision_tower.", processor=True),
         Case("mllama", L, ("model.multi_modal_projector.",), "model.vision_model.", entry=(3, 6), processor=True),
         Case("qwen3_vl", L, QWEN3_PROJECTOR, "model.visual.", entry=(0, 1), processor=True),
@@ -70,6 +81,7 @@ CASES = {
         Case("llama4", "language_model.model.layers", ("multi_modal_projector.",), "vision_model.", forward=False),
     )
 }
+# fmt: on
 
 
 def cases(*names: str, where=None) -> list:

@@ -9,38 +9,11 @@ from vr_plugin.locate import unwrap_model
 from vr_plugin.tiny import ARCHITECTURES, available, build_config, build_model
 
 from .common import NEW_HF_LAYOUT
+from .matrix import CASES, LEGACY
 
-# arch -> (decoder path, projector prefixes, vision prefix), transformers >= 4.52 layout
-NEW_LAYOUT = {
-    "llava": ("model.language_model.layers", ["model.multi_modal_projector."], "model.vision_tower."),
-    "llava_next": (
-        "model.language_model.layers",
-        ["model.multi_modal_projector.", "model.image_newline"],
-        "model.vision_tower.",
-    ),
-    "llava_onevision": (
-        "model.language_model.layers",
-        ["model.multi_modal_projector.", "model.image_newline"],
-        "model.vision_tower.",
-    ),
-    "qwen2_vl": ("model.language_model.layers", ["model.visual.merger."], "model.visual."),
-    "qwen2_5_vl": ("model.language_model.layers", ["model.visual.merger."], "model.visual."),
-    "idefics3": ("model.text_model.layers", ["model.connector."], "model.vision_model."),
-    "paligemma": ("model.language_model.layers", ["model.multi_modal_projector."], "model.vision_tower."),
-    "llama": ("model.layers", [], None),
-}
-# transformers <= 4.51: the language model sits at the top level of the VLMs
-OLD_LAYOUT = {
-    "llava": ("language_model.model.layers", ["multi_modal_projector."], "vision_tower."),
-    "llava_next": ("language_model.model.layers", ["multi_modal_projector.", "image_newline"], "vision_tower."),
-    "llava_onevision": ("language_model.model.layers", ["multi_modal_projector.", "image_newline"], "vision_tower."),
-    "qwen2_vl": ("model.layers", ["visual.merger."], "visual."),
-    "qwen2_5_vl": ("model.layers", ["visual.merger."], "visual."),
-    "idefics3": ("model.text_model.layers", ["model.connector."], "model.vision_model."),
-    "paligemma": ("language_model.model.layers", ["multi_modal_projector."], "vision_tower."),
-    "llama": ("model.layers", [], None),
-}
-EXPECTED = NEW_LAYOUT if NEW_HF_LAYOUT else OLD_LAYOUT
+# arch -> (decoder path, projector prefixes, vision prefix) in the installed transformers' layout, read from the
+# one architecture table (tests/matrix.py)
+EXPECTED = {name: CASES[name].paths(NEW_HF_LAYOUT) for name in LEGACY}
 _MISSING = "missing in this transformers"
 ARCHS = [pytest.param(a, marks=pytest.mark.skipif(not available(a), reason=_MISSING)) for a in EXPECTED]
 
