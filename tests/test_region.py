@@ -33,7 +33,7 @@ def test_a_region_of_another_depth_is_refused():
     region = resolve_region(build_model("llava", num_layers=12), "uniform_0.25")
     with pytest.raises(ValueError, match="resolved for 12 decoder layers; this model has 8"):
         apply_visual_region(build_model("llava"), region)
-    with pytest.raises(ValueError, match="resolved for 12 layers, model has 8"):
+    with pytest.raises(ValueError, match="resolved for 12 decoder layers; this model has 8"):
         prune_outside_region(build_model("llava"), region=region, remove=[2])
 
 

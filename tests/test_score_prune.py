@@ -294,7 +294,7 @@ def test_scoring_memory_does_not_grow_with_depth():
 
 def _scores_file(model, path, values):
     """A scores JSON of ``model`` (with its identity) holding ``values`` ({layer: score})."""
-    from vr_plugin.record import model_identity
+    from vr_plugin.locate import model_identity
     from vr_plugin.score import ScoreReport, save_scores
 
     report = ScoreReport("bi", dict(values), len(values), identity=model_identity(model.config))
@@ -322,3 +322,9 @@ def test_scores_follow_the_original_numbering_on_a_pruned_model(tmp_path):
     # now current layer 2 is original 3: the next-lowest by original numbering is 3 (0.2), then 5 (0.3)
     record = prune_outside_region(model, remove=2, scores=path)
     assert record.removed == [2, 3, 5] and record.kept == [0, 1, 4, 6, 7]
+
+
+def test_explicit_removal_takes_whole_layer_numbers_only():
+    for bad in ([2.7], [9], [True]):
+        with pytest.raises(ValueError, match=r"give layer indices, whole numbers in 0\.\.7"):
+            prune_outside_region(_model("llava"), remove=bad, region="none")

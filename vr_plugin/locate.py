@@ -29,6 +29,7 @@ __all__ = [
     "text_config",
     "num_layers_from_config",
     "visual_entry_layers",
+    "model_identity",
     "GROUPS",
 ]
 
@@ -284,8 +285,10 @@ def text_config(config_or_model: Any) -> Any:
 
 def num_layers_from_config(config: Any) -> int:
     """The LLM's number of decoder layers as stated by a (possibly multimodal) config."""
+    from .layer_fields import DEPTH_KEYS
+
     tc = text_config(config)
-    for key in ("num_hidden_layers", "n_layers", "n_layer", "num_layers"):
+    for key in DEPTH_KEYS:
         value = getattr(tc, key, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
@@ -322,3 +325,30 @@ def visual_entry_layers(source: Any) -> dict:
     for k, vision_layer in enumerate(getattr(vision, "deepstack_visual_indexes", None) or []):
         entry.setdefault(k, f"DeepStack target: vision layer {vision_layer}'s features are added after it")
     return dict(sorted(entry.items()))
+
+
+_IDENTITY_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                    "vocab_size")  # fmt: skip
+
+
+def model_identity(config: Any) -> dict:
+    """What a scores file records of the model it scored, to be matched before pruning with those scores.
+
+    ``original_num_layers`` and ``layer_ids`` (each current layer's index in the original model: pruning keeps
+    them, so scores of the unpruned model still apply to a pruned one by original numbering) and a
+    ``fingerprint`` of the LLM's shape that pruning does not change.
+    """
+    import hashlib
+    import json
+
+    from .record import read_pruning
+
+    text = text_config(config)
+    pruning = read_pruning(config)
+    depth = num_layers_from_config(config)
+    original = pruning.original_num_layers if pruning is not None else depth
+    ids = pruning.kept if pruning is not None and pruning.kept else list(range(depth))
+    shape = {k: getattr(text, k, None) for k in _IDENTITY_FIELDS}
+    shape["original_num_layers"] = original
+    digest = hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"original_num_layers": int(original), "layer_ids": [int(i) for i in ids], "fingerprint": digest}

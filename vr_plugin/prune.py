@@ -28,7 +28,7 @@ from torch import nn
 from .layer_fields import INDEX_LISTS, PER_LAYER, plan_layer_fields
 from .locate import find_decoder_layers, text_config, unwrap_model, visual_entry_layers
 from .record import PruningRecord, read_pruning, read_region, write_pruning, write_region
-from .region import Region, spec_text
+from .region import Region, as_region, spec_text
 from .spec import select_layers
 
 __all__ = ["prune_outside_region", "choose_layers_to_remove", "remove_layers"]
@@ -62,7 +62,7 @@ def _scores_and_metric(scores: Any, model: Optional[nn.Module] = None) -> tuple:
 
 def _match_scores(by_layer: dict, identity: dict, model: nn.Module, source: str) -> dict:
     """Scores of the model they were computed on, mapped to ``model``'s current layers by original numbering."""
-    from .record import model_identity
+    from .locate import model_identity
 
     mine = model_identity(unwrap_model(model).config)
     depth = len(mine["layer_ids"])
@@ -91,13 +91,6 @@ def _as_number(remove: Any) -> Any:
     if isinstance(remove, (bool, int, float, str)) or not hasattr(remove, "item") or getattr(remove, "ndim", 0):
         return remove
     return remove.item()
-
-
-def _layer_index(value: Any) -> int:
-    """An explicit layer index: an integer (numpy / torch ones too), never a float or bool."""
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise ValueError(f"layer index {value!r} is not an integer; give whole layer numbers, e.g. remove=[2, 5]")
-    return int(value.__index__())
 
 
 def _count(remove: Union[int, float], num_layers: int) -> int:
@@ -255,9 +248,7 @@ def _region_layers(core: nn.Module, region: Union[str, Iterable[int], None], dep
     """The region in current numbering: as given, else as recorded in the config (empty when none)."""
     recorded = read_region(core)
     if isinstance(region, Region):
-        if region.num_layers != depth:
-            raise ValueError(f"region {region.spec!r} was resolved for {region.num_layers} layers, model has {depth}")
-        return list(region.layers)
+        return list(as_region(core, region).layers)  # checked against this model's depth
     if region is not None:
         return select_layers(region, depth)
     if recorded is None:
@@ -269,8 +260,17 @@ def _region_layers(core: nn.Module, region: Union[str, Iterable[int], None], dep
     return recorded.layers
 
 
-def _explicit_removal(remove: Iterable[int], region: list, entry: dict, allow_region: bool, allow_entry: bool) -> list:
-    removed = sorted(set(_layer_index(i) for i in remove))
+def _explicit_removal(remove: Iterable[int], depth: int, region: list, entry: dict, allow: tuple) -> list:
+    """Explicit indices, read by the spec grammar (integers in range), refused where the region or images are."""
+    allow_region, allow_entry = allow
+    remove = list(remove)
+    try:
+        removed = select_layers(remove, depth) if remove else []
+    except ValueError:
+        raise ValueError(
+            f"remove={remove!r}: give layer indices, whole numbers in 0..{depth - 1} (e.g. remove=[2, 5]), a count "
+            "or a ratio"
+        ) from None
     inside = sorted(set(removed) & set(region))
     if inside and not allow_region:
         raise ValueError(f"layers {inside} are in the visual region {region}; pass allow_region=True")
@@ -299,7 +299,7 @@ def _choose(model: nn.Module, depth: int, remove: Any, scores: Any, region: list
             raise ValueError("prune_outside_region needs scores= (from vr_plugin.score_layers) to choose layers")
         removed = choose_layers_to_remove(scores_by_layer, remove, region, depth, allow_region, protected)
     else:
-        removed = _explicit_removal(remove, region, entry, allow_region, allow_entry)
+        removed = _explicit_removal(remove, depth, region, entry, allow)
     return removed, metric, protected
 
 

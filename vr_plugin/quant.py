@@ -15,7 +15,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 from torch import nn
 
-from .backends.bitsandbytes import is_quant_state_key, is_quantized_linear
+from .backends.bitsandbytes import is_quantized_linear
 from .freeze import RegionPlan, apply_visual_region
 from .locate import find_decoder_layers, map_parameters
 from .model_io import dtype_kwargs, model_class_for
@@ -24,7 +24,6 @@ from .region import as_region
 __all__ = [
     "QUANT_KINDS",
     "bnb_config",
-    "is_quant_state_key",
     "load_quantized",
     "load_for_region",
     "model_class_for",

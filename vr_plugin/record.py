@@ -31,7 +31,6 @@ __all__ = [
     "read_pruning",
     "save_region_file",
     "check_resume_region",
-    "model_identity",
 ]
 
 REGION_KEY = "visual_region"
@@ -138,29 +137,3 @@ def check_resume_region(checkpoint_dir: str, layers: list, spec: str = "") -> No
             f"(layers {saved.layers}), but this run asks for {spec!r} (layers {sorted(layers)}). "
             "Use the same --visual_region / --tune_layers, or start a new --output_dir."
         )
-
-
-_IDENTITY_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-                    "vocab_size")  # fmt: skip
-
-
-def model_identity(config: Any) -> dict:
-    """What a scores file records of the model it scored, to be matched before pruning with those scores.
-
-    ``original_num_layers`` and ``layer_ids`` (each current layer's index in the original model: pruning keeps
-    them, so scores of the unpruned model still apply to a pruned one by original numbering) and a
-    ``fingerprint`` of the LLM's shape that pruning does not change.
-    """
-    import hashlib
-
-    text = getattr(config, "text_config", None) or config
-    pruning = read_pruning(config)
-    depth = next(
-        getattr(text, k) for k in ("num_hidden_layers", "n_layers", "n_layer", "num_layers") if hasattr(text, k)
-    )
-    original = pruning.original_num_layers if pruning is not None else depth
-    ids = pruning.kept if pruning is not None and pruning.kept else list(range(depth))
-    shape = {k: getattr(text, k, None) for k in _IDENTITY_FIELDS}
-    shape["original_num_layers"] = original
-    digest = hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return {"original_num_layers": int(original), "layer_ids": [int(i) for i in ids], "fingerprint": digest}

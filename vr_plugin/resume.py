@@ -55,16 +55,9 @@ def checkpoint_keys(directory: str) -> dict:
 
 def saved_names(model: nn.Module, names: list) -> dict:
     """``{runtime name: name in an original-layout checkpoint}`` for parameters ``names`` of ``model``."""
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # transformers < 5 saves runtime names
-        return {name: name for name in names}
-    mapping = {}
-    params = dict(model.named_parameters())
-    for name in names:  # one at a time: a renaming maps one key to one key; a converter (fused experts) may not
-        reverted = revert_weight_conversion(model, {name: params[name]})
-        mapping[name] = next(iter(reverted)) if len(reverted) == 1 else name
-    return mapping
+    from .backends.transformers import original_names
+
+    return original_names(model, names)
 
 
 def _read(files: dict, key: str) -> torch.Tensor:

@@ -54,7 +54,7 @@ class ScoreReport:
     n: int = 1
     tokens: int = 0
     extra: dict = field(default_factory=dict)
-    identity: dict = field(default_factory=dict)  # vr_plugin.record.model_identity of the scored model
+    identity: dict = field(default_factory=dict)  # vr_plugin.locate.model_identity of the scored model
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
@@ -397,7 +397,7 @@ def _token_masks(model, hidden, batch, observer, find_mask, metric, last_token) 
 
 def _finish(report: ScoreReport, out: Optional[str], model: Optional[nn.Module] = None) -> dict:
     if model is not None and not report.identity:
-        from .record import model_identity
+        from .locate import model_identity
 
         report.identity = model_identity(unwrap_model(model).config)
     if out:

@@ -22,12 +22,11 @@ scoring and pruning; :func:`save_model` writes a model with its processor.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 import transformers
@@ -35,7 +34,7 @@ from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .backends.processes import is_main_process
-from .backends.transformers import hybrid_quantized_allowed
+from .backends.transformers import hybrid_quantized_allowed, runtime_layout
 from .callback import RegionFreezeCallback
 from .freeze import RegionPlan
 from .lora import LORA_DEFAULTS, region_param_groups
@@ -195,25 +194,6 @@ def load_model(path: str, dtype: Optional[torch.dtype] = None, device: Optional[
     return model.eval(), processor
 
 
-@contextlib.contextmanager
-def _runtime_layout(model: Any) -> Iterator[None]:
-    """Make ``model.save_pretrained`` keep the runtime parameter names (transformers >= 5 reverts them to the
-    checkpoint's original layout by default, which the Trainer's resume cannot load)."""
-    import functools
-    import inspect
-
-    save = getattr(type(model), "save_pretrained", None)
-    keeps_names = save is None or "save_original_format" not in inspect.signature(save).parameters
-    if keeps_names or hasattr(model, "peft_config"):
-        yield
-        return
-    model.save_pretrained = functools.partial(save, model, save_original_format=False)
-    try:
-        yield
-    finally:
-        del model.save_pretrained
-
-
 def _tied_aliases(model: Any) -> set:
     """Parameter names that alias another parameter (tied weights): a checkpoint may leave them out."""
     seen, aliases = set(), set()
@@ -269,7 +249,7 @@ class RegionTrainer(Trainer):
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         if not getattr(self, "_writing_checkpoint", False):  # the final model keeps the hub's original layout
             return super()._save(output_dir, state_dict)
-        with _runtime_layout(self.model):
+        with runtime_layout(self.model):
             return super()._save(output_dir, state_dict)
 
     def _issue_warnings_after_load(self, load_result: Any) -> None:

@@ -7,7 +7,7 @@ from typing import Any, Iterator
 
 import transformers
 
-__all__ = ["auto_class_for", "hybrid_quantized_allowed"]
+__all__ = ["auto_class_for", "hybrid_quantized_allowed", "original_names", "runtime_layout"]
 
 AUTO_CLASSES = ("AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoModelForCausalLM")
 
@@ -48,3 +48,36 @@ def hybrid_quantized_allowed() -> Iterator[None]:
         yield
     finally:
         trainer_module.validate_quantization_for_training = check
+
+
+@contextlib.contextmanager
+def runtime_layout(model: Any) -> Iterator[None]:
+    """Make ``model.save_pretrained`` keep the runtime parameter names (transformers >= 5 reverts them to the
+    checkpoint's original layout by default, which the Trainer's resume cannot load)."""
+    import functools
+    import inspect
+
+    save = getattr(type(model), "save_pretrained", None)
+    keeps_names = save is None or "save_original_format" not in inspect.signature(save).parameters
+    if keeps_names or hasattr(model, "peft_config"):
+        yield
+        return
+    model.save_pretrained = functools.partial(save, model, save_original_format=False)
+    try:
+        yield
+    finally:
+        del model.save_pretrained
+
+
+def original_names(model: Any, names: list) -> dict:
+    """``{runtime name: name in an original-layout checkpoint}`` for parameters ``names`` of ``model``."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers < 5 saves runtime names
+        return {name: name for name in names}
+    mapping = {}
+    params = dict(model.named_parameters())
+    for name in names:  # one at a time: a renaming maps one key to one key; a converter (fused experts) may not
+        reverted = revert_weight_conversion(model, {name: params[name]})
+        mapping[name] = next(iter(reverted)) if len(reverted) == 1 else name
+    return mapping
