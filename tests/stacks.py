@@ -8,12 +8,14 @@ run ``VR_STACK`` names the stack, so stack-only tests (``tests/llava``, ``tests/
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 VENVS = ROOT / ".venvs"
@@ -29,6 +31,10 @@ class Stack:
     tests: tuple = ()
     note: str = ""
     env: dict = field(default_factory=dict)
+    # run after the installs with the venv's site-packages directory (e.g. to write a stub package)
+    after_install: Optional[Callable[[Path], None]] = None
+    # bump when after_install changes what it writes
+    revision: str = ""
 
     @property
     def path(self) -> Path:
@@ -39,7 +45,11 @@ class Stack:
         return self.path / "bin" / "python"
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps([self.requirements, self.no_deps]).encode()).hexdigest()[:16]
+        parts = [self.requirements, self.no_deps] + ([self.revision] if self.revision else [])
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+    def site_packages(self) -> Path:
+        return next((self.path / "lib").glob("python3*/site-packages"))
 
 
 COMMON_TEST_TOOLS = ("pytest", "hypothesis")
@@ -112,6 +122,18 @@ STACKS = {
 }
 
 
+def _host_stacks() -> dict:
+    """Host-tool stacks, one file each: ``tests/hosts/stack_<tool>.py`` defines ``STACK``."""
+    found = {}
+    for path in sorted((Path(__file__).parent / "hosts").glob("stack_*.py")):
+        stack = importlib.import_module(f"{__package__}.hosts.{path.stem}").STACK
+        found[stack.name] = stack
+    return found
+
+
+STACKS.update(_host_stacks())
+
+
 def _run(command: list, **kwargs) -> None:
     subprocess.run(command, check=True, **kwargs)
 
@@ -129,6 +151,8 @@ def ensure(stack: Stack) -> Path:
     if stack.no_deps:
         _run(pip + ["--no-deps"] + list(stack.no_deps))
     _run(pip + ["--no-deps", "-e", str(ROOT)])
+    if stack.after_install is not None:
+        stack.after_install(stack.site_packages())
     stamp.write_text(stack.fingerprint())
     return stack.python
 

@@ -16,7 +16,7 @@ from torch import nn
 from .locate import find_decoder_layers, visual_entry_layers
 from .spec import select_layers
 
-__all__ = ["Region", "as_region", "resolve_region", "spec_text"]
+__all__ = ["Region", "as_region", "check_region_spec", "resolve_region", "spec_text"]
 
 
 @dataclass(frozen=True)
@@ -60,3 +60,20 @@ def as_region(model: nn.Module, spec: Union[str, Iterable[int], Region], layers_
 def location_of(model: nn.Module, region: Region, layers_path: Optional[str] = None) -> Any:
     """The :class:`~vr_plugin.locate.DecoderLayers` of ``region`` in ``model`` (wrappers looked through)."""
     return find_decoder_layers(model, layers_path or region.layers_path)
+
+
+def check_region_spec(model: Any, spec: Union[str, Iterable[int]], option: str = "--visual_region") -> list:
+    """The layers ``spec`` selects on ``model`` (a model directory, hub id or config), read from its config only.
+
+    For host integrations and launchers: call it before any weights load; a bad spec raises ``ValueError`` naming
+    ``option``, the value and the accepted forms.
+    """
+    from transformers import AutoConfig, PretrainedConfig
+
+    from .locate import num_layers_from_config
+
+    config = model if isinstance(model, PretrainedConfig) else AutoConfig.from_pretrained(model)
+    try:
+        return select_layers(spec, num_layers_from_config(config))
+    except ValueError as error:
+        raise ValueError(f"{option}: {error}") from None
