@@ -173,24 +173,39 @@ def _hf_parser():
     return Parser(TrainingArguments, prog="vr-plugin train")
 
 
-def cmd_train(args: argparse.Namespace, hf_args: list) -> int:
-    """Visual instruction tuning with the region; HF TrainingArguments from the remaining flags."""
+def training_config_from(args: argparse.Namespace, **overrides: Any) -> Any:
+    """The validated :class:`~vr_plugin.training.RegionTrainingConfig` of flags added by :func:`add_train_options`."""
     from dataclasses import fields
 
-    from .training import RegionTrainingConfig, train
+    from .training import RegionTrainingConfig
 
-    if args.output is None:
-        raise CliError("the following arguments are required: --output")
-    config = RegionTrainingConfig(**{f.name: getattr(args, f.name) for f in fields(RegionTrainingConfig)})
+    values = {f.name: getattr(args, f.name, f.default) for f in fields(RegionTrainingConfig)}
+    config = RegionTrainingConfig(**{**values, **overrides})
     config.validate()
+    return config
+
+
+def training_arguments_from(hf_args: list, output_dir: str) -> Any:
+    """``transformers.TrainingArguments`` from the remaining flags; an unknown flag is a one-line error."""
     training_args, unused = _hf_parser().parse_args_into_dataclasses(
-        args=["--logging_steps", "10", *hf_args, "--output_dir", args.output], return_remaining_strings=True
+        args=["--logging_steps", "10", *hf_args, "--output_dir", output_dir], return_remaining_strings=True
     )
     if unused:
         raise CliError(
-            f"unrecognized arguments: {' '.join(unused)} (neither a vr-plugin train flag, see --help, nor a "
+            f"unrecognized arguments: {' '.join(unused)} (neither a vr-plugin flag, see --help, nor a "
             "transformers.TrainingArguments one, see --hf_help)"
         )
+    return training_args
+
+
+def cmd_train(args: argparse.Namespace, hf_args: list) -> int:
+    """Visual instruction tuning with the region; HF TrainingArguments from the remaining flags."""
+    from .training import train
+
+    if args.output is None:
+        raise CliError("the following arguments are required: --output")
+    config = training_config_from(args)
+    training_args = training_arguments_from(hf_args, args.output)
     records = _validated(args)  # every image opened before the output is touched or weights load
     result = _train_into(args, config, training_args, functools.partial(train, records=records))
     if result.main_process:
@@ -446,17 +461,24 @@ def _add_inspect_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_inspect)
 
 
-def _add_train_parser(sub: Any) -> None:
-    """``vr-plugin train``."""
-    p = _subparser(
-        sub,
-        "train",
-        "visual instruction tuning of an HF-native LVLM with the region",
-        "Train an HF-native LVLM (Llava, LLaVA-NeXT, Qwen2-VL, ...) on LLaVA-format conversations with its own "
-        "processor and chat template (labels on the assistant turns only); only the visual region and the projector "
-        "learn. Saves the model (or LoRA adapter) with the region recorded in its config.",
-        EPILOG_TRAIN,
-    )
+class _Excluding:
+    """An argument parser view that drops the arguments whose destination is excluded."""
+
+    def __init__(self, parser: argparse.ArgumentParser, exclude: set) -> None:
+        self.parser, self.exclude = parser, exclude
+
+    def add_argument(self, *flags: str, **kwargs: Any) -> Any:
+        dest = kwargs.get("dest") or next(f for f in flags if f.startswith("--"))[2:].replace("-", "_")
+        return None if dest in self.exclude else self.parser.add_argument(*flags, **kwargs)
+
+
+def add_train_options(parser: argparse.ArgumentParser, exclude: tuple = ()) -> None:
+    """Every ``vr-plugin train`` flag (model, data, output, region, LoRA, quantization, ...) except ``exclude``.
+
+    ``exclude`` holds destination names (``"visual_region"``); ``vr-plugin sweep`` uses it to take every train
+    flag but the region. TrainingArguments flags are not added here: they are the remaining arguments.
+    """
+    p = _Excluding(parser, set(exclude))
     p.add_argument("--model", required=True, help="model directory or hub id")
     p.add_argument("--data", required=True, help="LLaVA-format conversation file (.json or .jsonl)")
     p.add_argument("--images", help="folder the records' image names are relative to")
@@ -491,6 +513,20 @@ def _add_train_parser(sub: Any) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights dtype")
     p.add_argument(*_flag("merge_lora"), action="store_true", help="also save the LoRA merged model under merged/")
     _skip_flag(p)
+
+
+def _add_train_parser(sub: Any) -> None:
+    """``vr-plugin train``."""
+    p = _subparser(
+        sub,
+        "train",
+        "visual instruction tuning of an HF-native LVLM with the region",
+        "Train an HF-native LVLM (Llava, LLaVA-NeXT, Qwen2-VL, ...) on LLaVA-format conversations with its own "
+        "processor and chat template (labels on the assistant turns only); only the visual region and the projector "
+        "learn. Saves the model (or LoRA adapter) with the region recorded in its config.",
+        EPILOG_TRAIN,
+    )
+    add_train_options(p)
     p.add_argument(*_flag("hf_help"), action="store_true", help="list every transformers.TrainingArguments flag")
     p.set_defaults(func=cmd_train)
 
@@ -613,6 +649,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# subcommands whose remaining arguments are transformers.TrainingArguments flags (their func takes them second)
+TRAINING_COMMANDS = ("train", "sweep")
+
+
 def _one_line(error: BaseException) -> str:
     if isinstance(error, ImportError) and error.name:
         root = error.name.split(".")[0]
@@ -642,16 +682,17 @@ def main(argv: Optional[list] = None) -> int:
     """Entry point of the ``vr-plugin`` console script."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["train"] and any(a in ("--hf_help", "--hf-help") for a in argv):
+    if argv[:1] and argv[0] in TRAINING_COMMANDS and any(a in ("--hf_help", "--hf-help") for a in argv):
         _hf_parser().print_help()
         return 0
     args, rest = parser.parse_known_args(argv)
-    if args.command != "train" and rest:
+    takes_rest = args.command in TRAINING_COMMANDS
+    if not takes_rest and rest:
         parser.parse_args(argv)  # argparse's own message and exit status 2
     func: Callable[..., int] = args.func
     try:
         with _verbosity(args):
-            return func(args, rest) if args.command == "train" else func(args)
+            return func(args, rest) if takes_rest else func(args)
     except KeyboardInterrupt:
         print(f"vr-plugin {args.command}: interrupted", file=sys.stderr)
         return 130
