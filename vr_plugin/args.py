@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .options import RegionSwitches, add_option_flags
 from .spec import ACCEPTED_FORMS
 
 __all__ = ["RegionArguments", "add_region_args", "extend_arguments", "region_arguments_from"]
@@ -28,21 +29,18 @@ _LAYER_LIST = re.compile(r"^\s*-?\d+\s*(,\s*-?\d+\s*)*$")
 
 
 @dataclass
-class RegionArguments:
-    """The visual region flags (usable alone with ``HfArgumentParser`` or mixed into another arguments dataclass)."""
+class RegionArguments(RegionSwitches):
+    """The visual region flags (usable alone with ``HfArgumentParser`` or mixed into another arguments dataclass).
+
+    Without ``visual_region`` / ``tune_layers`` the host trains as it always did; the switches (``tune_projector``,
+    ...) and their defaults are :class:`vr_plugin.options.RegionSwitches`, shared with ``vr-plugin train``.
+    """
 
     visual_region: Optional[str] = field(
         default=None, metadata={"help": f"Train only this visual region of the LLM. Accepted forms: {ACCEPTED_FORMS}."}
     )
     tune_layers: Optional[str] = field(
         default=None, metadata={"help": "Train only these decoder layers, e.g. 1,5,9,13 (instead of --visual_region)."}
-    )
-    tune_embeddings: bool = field(default=False, metadata={"help": "With a region: also train the input embeddings."})
-    tune_lm_head: bool = field(default=False, metadata={"help": "With a region: also train lm_head."})
-    tune_norm: bool = field(default=False, metadata={"help": "With a region: also train the LLM's final norm."})
-    tune_projector: bool = field(default=True, metadata={"help": "With a region: train the multimodal projector."})
-    layers_path: Optional[str] = field(
-        default=None, metadata={"help": "Dotted path of the LLM decoder ModuleList, if discovery needs help."}
     )
 
     def __post_init__(self) -> None:
@@ -55,16 +53,6 @@ class RegionArguments:
     def region_spec(self) -> Optional[str]:
         """The spec to apply (``--visual_region`` or ``--tune_layers``), or ``None`` when neither was given."""
         return self.visual_region or self.tune_layers
-
-    def region_options(self) -> dict:
-        """Keyword arguments for :func:`vr_plugin.apply_visual_region` / ``RegionFreezeCallback``."""
-        return {
-            "tune_embeddings": self.tune_embeddings,
-            "tune_lm_head": self.tune_lm_head,
-            "tune_norm": self.tune_norm,
-            "tune_projector": self.tune_projector,
-            "layers_path": self.layers_path,
-        }
 
 
 REGION_FIELDS = tuple(f.name for f in dataclasses.fields(RegionArguments))
@@ -113,24 +101,9 @@ def extend_arguments(base: type) -> type:
     return extended
 
 
-def _to_bool(value: str) -> bool:
-    lowered = str(value).lower()
-    if lowered in ("true", "1", "yes", "y", "t"):
-        return True
-    if lowered in ("false", "0", "no", "n", "f"):
-        return False
-    raise argparse.ArgumentTypeError(f"{value!r} is not a boolean (true/false)")
-
-
 def add_region_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the region flags to an ``argparse`` parser (same names and defaults as :class:`RegionArguments`)."""
-    group = parser.add_argument_group("visual region (vr_plugin)")
-    for f in dataclasses.fields(RegionArguments):
-        flag = f"--{f.name}"
-        if f.type in (bool, "bool"):
-            group.add_argument(flag, type=_to_bool, nargs="?", const=True, default=f.default, help=f.metadata["help"])
-        else:
-            group.add_argument(flag, default=f.default, help=f.metadata["help"])
+    add_option_flags(parser.add_argument_group("visual region (vr_plugin)"), RegionArguments, underscore_only=True)
     return parser
 
 

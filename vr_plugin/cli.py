@@ -14,7 +14,8 @@ import os
 import sys
 from typing import Any, Callable, Iterator, Optional
 
-from .spec import ACCEPTED_FORMS, DEFAULT_SPEC, describe_indices, select_layers
+from .options import DTYPE_NAMES
+from .spec import ACCEPTED_FORMS, describe_indices, select_layers
 
 logger = logging.getLogger("vr_plugin.cli")
 
@@ -115,11 +116,9 @@ def _validated(args: argparse.Namespace) -> list:
 
 
 def _skip_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        *_flag("skip_bad_images"),
-        action="store_true",
-        help="drop records whose images are missing or unreadable (counted) instead of stopping",
-    )
+    from .options import DataOptions, add_option_flags
+
+    add_option_flags(parser, DataOptions, only=("skip_bad_images",))
 
 
 def _writable_file(path: str, flag: str) -> None:
@@ -403,6 +402,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace, hf_args: list) -> int:
+    """Train and evaluate every region strategy on the user's model and data; rank them; say which to train."""
+    from .sweep import recommendation_line, run_sweep, table
+
+    result = run_sweep(args, hf_args)
+    if result.report:  # the main process
+        print("\n".join([*table(result.ranked), "", f"results: {result.results}", f"report: {result.report}"]))
+        print(recommendation_line(result.recommended))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------ parser
 
 
@@ -416,7 +426,7 @@ def _overwrite_flag(parser: argparse.ArgumentParser) -> None:
 
 def _model_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--model", required=required, help="model directory (or peft adapter directory, or hub id)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="load the weights in this dtype")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, help="load the weights in this dtype")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the first GPU if there is one)")
 
 
@@ -478,41 +488,17 @@ def add_train_options(parser: argparse.ArgumentParser, exclude: tuple = ()) -> N
     ``exclude`` holds destination names (``"visual_region"``); ``vr-plugin sweep`` uses it to take every train
     flag but the region. TrainingArguments flags are not added here: they are the remaining arguments.
     """
+    from .options import DataOptions, LoraOptions, QuantOptions, RegionOptions, add_option_flags
+
     p = _Excluding(parser, set(exclude))
-    p.add_argument("--model", required=True, help="model directory or hub id")
-    p.add_argument("--data", required=True, help="LLaVA-format conversation file (.json or .jsonl)")
-    p.add_argument("--images", help="folder the records' image names are relative to")
+    add_option_flags(p, DataOptions, exclude, only=("model", "data", "images"))
     p.add_argument(*_flag("output"), "--output_dir", "--output-dir", dest="output", help="where to save (required)")
     _overwrite_flag(p)
-    p.add_argument(*_flag("visual_region"), default=DEFAULT_SPEC, help="region spec (default: %(default)s)")
-    p.add_argument(*_flag("layers_path"), help="dotted path of the decoder layers, if not found automatically")
-    p.add_argument("--lora", action="store_true", help="LoRA adapters on the region layers instead of full weights")
-    from .lora import LORA_DEFAULTS
-
-    lora = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout"}
-    for flag, key in lora.items():
-        value = LORA_DEFAULTS[key]
-        p.add_argument(*_flag(flag), type=type(value), default=value, help=f"LoRA {key} (default: %(default)s)")
-    p.add_argument(
-        *_flag("lora_target"), default=LORA_DEFAULTS["target"], help="'all-linear' or kinds like q_proj,v_proj"
-    )
-    p.add_argument("--bits", type=int, choices=[4, 8], help="QLoRA: load the LLM in 4-bit nf4 / 8-bit (needs --lora)")
-    p.add_argument(
-        *_flag("quantize_frozen"), choices=["nf4", "fp4", "int8"], help="hybrid: layers outside the region quantized"
-    )
-    p.add_argument(*_flag("tune_vision_tower"), action="store_true", help="train the vision tower too")
-    p.add_argument(
-        *_flag("freeze_projector"), dest="tune_projector", action="store_false", help="keep the projector frozen"
-    )
-    p.add_argument(*_flag("tune_embeddings"), action="store_true", help="train the input embeddings too")
-    p.add_argument(*_flag("tune_lm_head"), action="store_true", help="train the lm_head too")
-    p.add_argument(*_flag("tune_norm"), action="store_true", help="train the LLM's final norm too")
-    p.add_argument(*_flag("projector_lr"), type=float, help="learning rate of the projector (default: --learning_rate)")
-    p.add_argument(*_flag("max_length"), type=int, help="truncate samples to this many tokens")
-    p.add_argument(*_flag("cache_data"), action="store_true", help="keep encoded samples in memory (small data)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights dtype")
-    p.add_argument(*_flag("merge_lora"), action="store_true", help="also save the LoRA merged model under merged/")
-    _skip_flag(p)
+    add_option_flags(p, RegionOptions, exclude, only=("visual_region",))
+    add_option_flags(p, RegionOptions, exclude=("visual_region", *exclude))
+    for options in (LoraOptions, QuantOptions):
+        add_option_flags(p, options, exclude)
+    add_option_flags(p, DataOptions, exclude=("model", "data", "images", *exclude))
 
 
 def _add_train_parser(sub: Any) -> None:
@@ -627,6 +613,57 @@ def _add_demo_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+def _add_sweep_parser(sub: Any) -> None:
+    """``vr-plugin sweep``."""
+    epilog = """Every vr-plugin train flag (--model, --data, --images, --lora, --bits, --quantize_frozen,
+--projector_lr, ...) and every transformers.TrainingArguments flag applies to each run alike (`vr-plugin sweep
+--hf_help`). Each run trains --max_steps steps (100 unless --max_steps or --num_train_epochs is given). Rerun
+the same command to continue a stopped sweep or add strategies; runs already in OUT/sweep.json are not trained
+again.
+
+examples:
+  vr-plugin sweep --model ./llava-1.5-7b-hf --data train.json --images ./imgs --eval_data val.json \\
+      --output ./sweeps/llava --max_steps 200 --learning_rate 2e-5 --bf16
+  vr-plugin sweep --model ./Qwen2-VL-2B-Instruct --data conv.json --images ./imgs --eval_data qa.json \\
+      --strategies uniform_0.25 uniform_0.5 first_0.25 all --lora --output ./sweeps/qwen --max_steps 100
+  torchrun --nproc_per_node 8 -m vr_plugin sweep --model ... --eval_data val.json --output ./sweeps/vr
+"""
+    p = _subparser(
+        sub,
+        "sweep",
+        "train and rank region strategies on your own model and data",
+        "Train the same strategy grid (region specs) on your model and data for the same step budget, one run after "
+        "another, evaluate each on --eval_data (answer-token loss; accuracy where records end with an answer), and "
+        "write OUT/sweep.json (resumable), OUT/report.md and OUT/sweep.png ranking them, ending with the region to "
+        "train.",
+        epilog,
+    )
+    add_train_options(p, exclude=("visual_region", "output"))
+    p.add_argument(*_flag("output"), "--output_dir", "--output-dir", dest="output", required=True, help="sweep folder")
+    p.add_argument(
+        "--strategies",
+        nargs="+",
+        metavar="SPEC",
+        help="region specs to compare (default: uniform_0.25, the four quarters as slices, all, none)",
+    )
+    p.add_argument(*_flag("eval_data"), required=True, help="LLaVA-format evaluation file")
+    p.add_argument(*_flag("eval_images"), help="image folder of --eval_data (default: --images)")
+    p.add_argument(*_flag("eval_batch_size"), type=int, default=8, help="evaluation batch (default: %(default)s)")
+    p.add_argument(*_flag("max_new_tokens"), type=int, default=16, help="answer length cap (default: %(default)s)")
+    p.add_argument(*_flag("eval_limit"), type=int, help="evaluate on the first N records only")
+    p.add_argument(*_flag("no_accuracy"), action="store_true", help="eval loss only (no generation)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.01,
+        help="recommend the smallest region within this of the best eval loss (relative) and accuracy (default: "
+        "%(default)s)",
+    )
+    p.add_argument(*_flag("no_progress"), action="store_true", help="no progress bar over the runs")
+    p.add_argument(*_flag("hf_help"), action="store_true", help="list every transformers.TrainingArguments flag")
+    p.set_defaults(func=cmd_sweep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``vr-plugin`` with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -646,6 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_score_parser(sub)
     _add_prune_parser(sub)
     _add_demo_parser(sub)
+    _add_sweep_parser(sub)
     return parser
 
 

@@ -17,11 +17,11 @@ from torch import nn
 
 from .backends.bitsandbytes import is_quantized_linear, is_quantized_model
 from .locate import PROJECTOR_KEYS, find_decoder_layers, map_parameters, unwrap_model
+from .options import LORA_DEFAULTS
 from .region import as_region, spec_text
 from .spec import describe_indices
 
 # LoRA's defaults, defined once: region_lora_config, RegionTrainingConfig and the vr-plugin train flags use them.
-LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target": "all-linear"}
 
 __all__ = [
     "LORA_DEFAULTS",

@@ -22,7 +22,6 @@ scoring and pruning; :func:`save_model` writes a model with its processor.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -37,10 +36,10 @@ from .backends.processes import is_main_process
 from .backends.transformers import hybrid_quantized_allowed, runtime_layout
 from .callback import RegionFreezeCallback
 from .freeze import RegionPlan
-from .lora import LORA_DEFAULTS, region_param_groups
+from .lora import region_param_groups
 from .model_io import ADAPTER_CONFIG, save_model
+from .options import DTYPE_NAMES, DataOptions, LoraOptions, QuantOptions, RegionOptions
 from .record import RegionRecord, read_region, save_region_file, write_region
-from .spec import DEFAULT_SPEC
 
 __all__ = [
     "DTYPES",
@@ -55,74 +54,39 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 @dataclass
-class RegionTrainingConfig:
-    """What to train, apart from the ``transformers.TrainingArguments`` (optimizer, schedule, batch, ...)."""
+class RegionTrainingConfig(QuantOptions, LoraOptions, RegionOptions, DataOptions):
+    """What to train, apart from the ``transformers.TrainingArguments`` (optimizer, schedule, batch, ...).
 
-    model: str = field(metadata={"help": "model directory or hub id of an HF-native LVLM"})
-    data: str = field(metadata={"help": "LLaVA-format conversation file (.json list or .jsonl)"})
-    images: Optional[str] = field(default=None, metadata={"help": "folder the records' image names are relative to"})
-    visual_region: str = field(default=DEFAULT_SPEC, metadata={"help": "region spec (vr-plugin select)"})
-    layers_path: Optional[str] = field(default=None, metadata={"help": "dotted path of the decoder layers"})
-    lora: bool = field(default=False, metadata={"help": "LoRA on the region layers instead of full parameters"})
-    lora_r: int = LORA_DEFAULTS["r"]
-    lora_alpha: int = LORA_DEFAULTS["lora_alpha"]
-    lora_dropout: float = LORA_DEFAULTS["lora_dropout"]
-    lora_target: str = field(
-        default=LORA_DEFAULTS["target"], metadata={"help": "'all-linear' or kinds, e.g. 'q_proj,v_proj'"}
-    )
-    bits: Optional[int] = field(default=None, metadata={"help": "4 or 8: load the LLM quantized (QLoRA, with lora)"})
-    quantize_frozen: Optional[str] = field(default=None, metadata={"help": "nf4/fp4/int8: layers outside the region"})
-    tune_vision_tower: bool = False
-    tune_projector: bool = True
-    tune_embeddings: bool = False
-    tune_lm_head: bool = False
-    tune_norm: bool = False
-    projector_lr: Optional[float] = None
-    max_length: Optional[int] = None
-    cache_data: bool = field(default=False, metadata={"help": "keep encoded samples in memory after first use"})
-    dtype: str = "float32"
-    merge_lora: bool = False
-    skip_bad_images: bool = field(default=False, metadata={"help": "drop records whose images cannot be read"})
+    The fields are those of :mod:`vr_plugin.options` (data, region, LoRA, quantization), each part checking its own
+    values on construction; this class adds the checks across parts (which of full / LoRA / QLoRA / hybrid).
+    """
 
-    def validate(self) -> None:
-        """Raise ``ValueError`` / ``FileNotFoundError`` for inconsistent or missing inputs, before anything loads."""
-        check_model_dir(self.model)
-        if not os.path.isfile(self.data):
-            raise FileNotFoundError(f"conversation file {self.data!r} does not exist")
-        if self.images is not None and not os.path.isdir(self.images):
-            raise FileNotFoundError(f"image folder {self.images!r} does not exist")
-        self._validate_modes()
-        for name in ("lora_r", "lora_alpha"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_length is not None and self.max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {self.max_length}")
-
-    def _validate_modes(self) -> None:
-        """dtype, and which of full / LoRA / QLoRA / hybrid the flags ask for."""
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.bits not in (None, 4, 8):
-            raise ValueError(f"bits={self.bits} is not supported; use 4 (nf4) or 8 (int8)")
+    def __post_init__(self) -> None:
+        for part in (DataOptions, RegionOptions, LoraOptions, QuantOptions):
+            part.__post_init__(self)
         if self.bits and not self.lora:
             raise ValueError(
                 f"bits={self.bits} trains LoRA adapters on a quantized base (QLoRA): add --lora, or use "
                 "--quantize_frozen nf4 for full-parameter region tuning with the frozen layers quantized"
             )
-        if self.bits or self.quantize_frozen:
-            _require("bitsandbytes", "--bits / --quantize_frozen load the LLM through bitsandbytes")
-        if self.bits and self.quantize_frozen:
-            raise ValueError("give either bits (QLoRA) or quantize_frozen (hybrid), not both")
         if self.quantize_frozen and self.lora:
             raise ValueError(
                 "quantize_frozen keeps the region in full precision for full-parameter tuning; drop --lora"
             )
         if self.merge_lora and (not self.lora or self.bits):
             raise ValueError("merge_lora merges LoRA into a full-precision base: it needs --lora and no --bits")
+
+    def validate(self) -> None:
+        """Raise ``FileNotFoundError`` for a missing model, conversation file or image folder, before anything loads."""
+        check_model_dir(self.model)
+        if not os.path.isfile(self.data):
+            raise FileNotFoundError(f"conversation file {self.data!r} does not exist")
+        if self.images is not None and not os.path.isdir(self.images):
+            raise FileNotFoundError(f"image folder {self.images!r} does not exist")
 
 
 @dataclass
@@ -135,14 +99,6 @@ class TrainResult:
     log_history: list
     saved: list = field(default_factory=list)
     main_process: bool = True  # False on the other ranks of a distributed run
-
-
-def _require(module: str, why: str) -> None:
-    """Raise ``ImportError`` (with ``name=module``) saying why ``module`` is needed, if it cannot be imported."""
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        raise ImportError(f"{why}, and {module} cannot be imported", name=module) from None
 
 
 def check_model_dir(path: str) -> None:
