@@ -164,37 +164,18 @@ def _to_device(batch: dict, model: Any) -> dict:
     return moved
 
 
-@torch.no_grad()
-def evaluate(
+def _predict(
     model: Any,
     processor: Any,
-    records: Union[str, Sequence[dict]],
-    image_folder: Optional[str] = None,
-    *,
-    batch_size: int = 8,
-    max_new_tokens: int = 16,
-    limit: Optional[int] = None,
-    progress: bool = True,
-    out: Optional[str] = None,
-    model_id: str = "",
-    source: Optional[str] = None,
-) -> EvalReport:
-    """Greedy answers of ``model`` to every record of ``records`` (a LLaVA-format file or list), scored.
-
-    ``out`` writes the report with every record's prediction as JSON. ``source`` names the file a list of
-    ``records`` was read from (already validated ones: the file is not read again), for errors and the report's
-    ``data``. Returns an :class:`EvalReport`.
-    """
-    if batch_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
-    items = qa_records(records, source=source)[:limit]
-    if not items:
-        raise ValueError(f"limit={limit} leaves no record to evaluate")
+    items: list,
+    image_folder: Optional[str],
+    batch_size: int,
+    max_new_tokens: int,
+    progress: bool,
+) -> list:
+    """Greedy answers in batches (left-padded), each scored against its record's answer."""
     pad = _pad_id(processor)
-    was_training = model.training
-    model.eval()
     predictions = []
-    start = time.perf_counter()
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -223,6 +204,41 @@ def evaluate(
     finally:
         if bar is not None:
             bar.close()
+    return predictions
+
+
+@torch.no_grad()
+def evaluate(
+    model: Any,
+    processor: Any,
+    records: Union[str, Sequence[dict]],
+    image_folder: Optional[str] = None,
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    limit: Optional[int] = None,
+    progress: bool = True,
+    out: Optional[str] = None,
+    model_id: str = "",
+    source: Optional[str] = None,
+) -> EvalReport:
+    """Greedy answers of ``model`` to every record of ``records`` (a LLaVA-format file or list), scored.
+
+    ``out`` writes the report with every record's prediction as JSON. ``source`` names the file a list of
+    ``records`` was read from (already validated ones: the file is not read again), for errors and the report's
+    ``data``. Returns an :class:`EvalReport`.
+    """
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
+    items = qa_records(records, source=source)[:limit]
+    if not items:
+        raise ValueError(f"limit={limit} leaves no record to evaluate")
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        predictions = _predict(model, processor, items, image_folder, batch_size, max_new_tokens, progress)
+    finally:
         model.train(was_training)
     correct = sum(p["correct"] for p in predictions)
     report = EvalReport(

@@ -204,6 +204,24 @@ def _check_plan(plan: RegionPlan, model_name: str, params: list, adapter_parts: 
         )
 
 
+def _set_requires_grad(params: list, region: set, adapter_parts: set, choice: dict) -> tuple:
+    """Decide and set ``requires_grad`` for every parameter; return (group counts, trainable names, parameters)."""
+    groups = {name: GroupCount() for name in REPORT_GROUPS}
+    trainable_names, trainable_params = [], []
+    for info in params:
+        p = info.param
+        report, want = _decide(info, region, adapter_parts, choice)
+        if want is not None:
+            p.requires_grad_(bool(want) and _trainable_dtype(p))
+        count = groups[report]
+        count.total += numel(p)
+        if p.requires_grad:
+            count.trainable += numel(p)
+            trainable_names.append(info.name)
+            trainable_params.append(p)
+    return groups, trainable_names, trainable_params
+
+
 def apply_visual_region(
     model: nn.Module,
     spec: Union[str, Iterable[int]],
@@ -247,20 +265,7 @@ def apply_visual_region(
     core = unwrap_model(model)
     _check_tied(core, params, tune_embeddings, tune_lm_head)
 
-    groups = {name: GroupCount() for name in REPORT_GROUPS}
-    trainable_names, trainable_params = [], []
-    for info in params:
-        p = info.param
-        report, want = _decide(info, region, adapter_parts, choice)
-        if want is not None:
-            p.requires_grad_(bool(want) and _trainable_dtype(p))
-        count = groups[report]
-        count.total += numel(p)
-        if p.requires_grad:
-            count.trainable += numel(p)
-            trainable_names.append(info.name)
-            trainable_params.append(p)
-
+    groups, trainable_names, trainable_params = _set_requires_grad(params, region, adapter_parts, choice)
     plan = RegionPlan(
         spec=resolved.spec,
         layers=indices,
