@@ -1,4 +1,4 @@
-"""Shared test helpers: synthetic image+text data and state-dict comparisons."""
+"""Shared test helpers: synthetic image+text data, the vision tower frozen, state-dict comparisons."""
 
 from __future__ import annotations
 
@@ -61,11 +61,12 @@ class LlavaSynthetic(torch.utils.data.Dataset):
         tokens = image_token_count(config)
         self.samples = []
         for i in range(n):
-            pixels = processor(images=synthetic_image(seed * 1000 + i), return_tensors="pt")["pixel_values"][0]
+            pixels = processor(images=synthetic_image(seed * 1000 + i), return_tensors="pt")["pixel_values"]
             text = torch.randint(3, IMAGE_TOKEN_ID - 4, (text_len,), generator=generator)
             ids = torch.cat([torch.tensor([1]), torch.full((tokens,), IMAGE_TOKEN_ID), text])
             labels = torch.where(ids == IMAGE_TOKEN_ID, torch.full_like(ids, -100), ids)
-            self.samples.append({"input_ids": ids, "labels": labels, "pixel_values": pixels})
+            mask = torch.ones_like(ids)
+            self.samples.append({"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels})
 
     def __len__(self):
         return len(self.samples)
@@ -75,9 +76,10 @@ class LlavaSynthetic(torch.utils.data.Dataset):
 
 
 def collate(samples):
-    batch = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
-    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
-    return batch
+    """:func:`vr_plugin.data.collate` of :class:`LlavaSynthetic` samples (their lengths are equal: no padding)."""
+    from vr_plugin.data import collate as pad_and_stack
+
+    return pad_and_stack(samples, pad_token_id=0)
 
 
 def snapshot(model) -> dict:
@@ -90,11 +92,13 @@ def changed(before: dict, model) -> set:
 
 
 def freeze_vision(model) -> None:
-    """Freeze the vision tower (not the projector), as LVLM recipes load it."""
-    for name, param in model.named_parameters():
-        parts = name.split(".")
-        if ("vision_tower" in parts or "visual" in parts or "vision_model" in parts) and "merger" not in parts:
-            param.requires_grad_(False)
+    """Freeze the vision tower (not the projector), as LVLM recipes load it: the parameters vr_plugin groups as
+    ``vision`` (:func:`vr_plugin.map_parameters`), the one definition of "vision tower" tests use."""
+    from vr_plugin import map_parameters
+
+    for info in map_parameters(model):
+        if info.group == "vision":
+            info.param.requires_grad_(False)
 
 
 def portable_4bit_path(model):

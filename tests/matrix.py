@@ -9,7 +9,7 @@ the installed transformers does not have (or builds differently).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import pytest
 
@@ -95,3 +95,18 @@ def cases(*names: str, where=None) -> list:
         return pytest.mark.skipif(missing, reason="not in this transformers (or its pre-4.52 layout)")
 
     return [pytest.param(c, id=c.name, marks=skip(c)) for c in chosen]
+
+
+class Paths(NamedTuple):
+    """Where a case's parts are in the installed transformers' layout."""
+
+    layers: str  # the LLM's decoder layers
+    projector: list  # parameter-name prefixes of the multimodal projector
+    vision: Optional[str]  # parameter-name prefix of the vision tower
+
+
+# the LEGACY families' paths in the installed layout (these tests also run in the LLaVA and Bunny stacks)
+PATHS = {name: Paths(*CASES[name].paths(NEW_HF_LAYOUT)) for name in LEGACY}
+_MISSING = "missing in this transformers"
+# pytest params over the LEGACY families, skipped where the installed transformers lacks one
+LEGACY_ARCHS = [pytest.param(a, marks=pytest.mark.skipif(not available(a), reason=_MISSING)) for a in LEGACY]

@@ -15,9 +15,9 @@ from vr_plugin.callback import optimizer_parameters
 from vr_plugin.tiny import build_model
 
 from .common import LlavaSynthetic, changed, collate, freeze_vision, snapshot
-from .test_locate import EXPECTED
+from .matrix import PATHS
 
-LAYERS, PROJECTOR, _ = EXPECTED["llava"]
+LAYERS, PROJECTOR, _ = PATHS["llava"]
 
 
 def _model():

@@ -20,7 +20,7 @@ from vr_plugin.synthetic import make_vqa_dataset
 from vr_plugin.tiny import available, save_tiny_lvlm
 
 from .common import free_port, requires_cpu_bnb
-from .test_locate import EXPECTED
+from .matrix import PATHS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = "model.language_model.layers"
@@ -192,7 +192,7 @@ def test_train_region_end_to_end(capsys, tmp_path, tiny_dir, data, arch):
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and any("loss" in h for h in state["log_history"])
     # plain from_pretrained; exactly the region layers and the projector moved (the vision tower stays frozen)
-    layers, projector, _ = EXPECTED[arch]
+    layers, projector, _ = PATHS[arch]
     moved, before = _moved(model_dir, out)
     assert moved == {n for n in before if n.startswith((f"{layers}.1.", f"{layers}.7.", *projector))}
     code, stdout, _ = cli(
@@ -222,12 +222,12 @@ def test_train_lora_end_to_end(capsys, tmp_path, tiny_dir, data, arch):
     # the adapter directory loads with plain from_pretrained (transformers' peft integration) ...
     loaded = AutoModelForImageTextToText.from_pretrained(out)
     lora = {n.split(".lora_A")[0] for n, _ in loaded.named_parameters() if "lora_A" in n}
-    layers = EXPECTED[arch][0]
+    layers = PATHS[arch].layers
     assert lora and all(n.startswith((f"{layers}.1.", f"{layers}.7.")) for n in lora)
     # ... the merged model too: only the region's linear weights and the projector differ from the base
     moved, before = _moved(model_dir, out / "merged")
     region = {n for n in before if n.startswith((f"{layers}.1.", f"{layers}.7.")) and n.endswith("proj.weight")}
-    assert moved == region | {n for n in before if n.startswith(tuple(EXPECTED[arch][1]))}
+    assert moved == region | {n for n in before if n.startswith(tuple(PATHS[arch].projector))}
     assert read_region(str(out / "merged")).layers == [1, 7]
     # adapter and merged directories evaluate to the same predictions
     predictions = []

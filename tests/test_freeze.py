@@ -9,7 +9,8 @@ from vr_plugin import apply_visual_region, read_region, select_layers
 from vr_plugin.tiny import available, build_model, example_inputs
 
 from .common import freeze_vision
-from .test_locate import ARCHS, EXPECTED
+from .matrix import LEGACY_ARCHS as ARCHS
+from .matrix import PATHS
 
 
 def _names_under(model, prefixes):
@@ -21,7 +22,7 @@ def _trainable(model):
 
 
 def _layer_prefixes(arch, indices):
-    return [f"{EXPECTED[arch][0]}.{i}." for i in indices]
+    return [f"{PATHS[arch].layers}.{i}." for i in indices]
 
 
 @pytest.fixture
@@ -30,11 +31,7 @@ def frozen_vision():
 
     def make(arch, **kw):
         model = build_model(arch, **kw)
-        vision = EXPECTED[arch][2]
-        projector = EXPECTED[arch][1]
-        for name, p in model.named_parameters():
-            if vision and name.startswith(vision) and not any(name.startswith(q) for q in projector):
-                p.requires_grad_(False)
+        freeze_vision(model)
         return model
 
     return make
@@ -45,7 +42,7 @@ def frozen_vision():
 def test_exact_trainable_set(frozen_vision, arch, spec):
     model = frozen_vision(arch)
     region = select_layers(spec, 8)
-    expected = _names_under(model, _layer_prefixes(arch, region) + EXPECTED[arch][1])
+    expected = _names_under(model, _layer_prefixes(arch, region) + PATHS[arch].projector)
     if not expected:  # 'none' on a text-only model
         with pytest.raises(ValueError, match="leaves nothing to train"):
             apply_visual_region(model, spec)
@@ -70,7 +67,7 @@ def test_vision_tower_left_as_caller_set_it():
 
 def test_switches(frozen_vision):
     model = frozen_vision("llava")
-    path = EXPECTED["llava"][0]
+    path = PATHS["llava"].layers
     base = path.rsplit(".layers", 1)[0]
     apply_visual_region(model, "1", tune_embeddings=True, tune_norm=True, tune_lm_head=True, tune_projector=False)
     expected = _names_under(model, [f"{path}.1.", f"{base}.embed_tokens.", f"{base}.norm."])
@@ -104,7 +101,7 @@ def test_tied_embeddings_must_agree():
     with pytest.raises(ValueError, match="tied to the input embeddings"):
         apply_visual_region(model, "uniform_0.25", tune_lm_head=True)
     apply_visual_region(model, "uniform_0.25", tune_lm_head=True, tune_embeddings=True)
-    assert EXPECTED["paligemma"][0].replace("layers", "embed_tokens.weight") in _trainable(model)
+    assert PATHS["paligemma"].layers.replace("layers", "embed_tokens.weight") in _trainable(model)
 
 
 def test_nothing_to_train_is_an_error():
@@ -126,16 +123,16 @@ def test_peft_adapters_only_inside_region():
     peft = pytest.importorskip("peft")
     model = build_model("llava")
     # LoRA on every LLM layer (anchored: never the CLIP encoder's q/v)
-    anchored = re.escape(EXPECTED["llava"][0]) + r"\.\d+\.self_attn\.(q_proj|v_proj)"
+    anchored = re.escape(PATHS["llava"].layers) + r"\.\d+\.self_attn\.(q_proj|v_proj)"
     config = peft.LoraConfig(r=2, target_modules=anchored)
     wrapped = peft.get_peft_model(model, config)
     apply_visual_region(wrapped, "uniform_0.25")
-    prefix = "base_model.model." + EXPECTED["llava"][0]
+    prefix = "base_model.model." + PATHS["llava"].layers
     trainable = _trainable(wrapped)
     lora = {n for n in trainable if "lora_" in n}
     assert lora and all(n.startswith((f"{prefix}.1.", f"{prefix}.7.")) for n in lora)
     assert len(lora) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
-    projector = ["base_model.model." + p for p in EXPECTED["llava"][1]]
+    projector = ["base_model.model." + p for p in PATHS["llava"].projector]
     assert trainable - lora == _names_under(wrapped, projector)
 
 

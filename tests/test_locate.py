@@ -8,14 +8,8 @@ from vr_plugin import find_decoder_layers, map_parameters, num_layers_from_confi
 from vr_plugin.locate import unwrap_model
 from vr_plugin.tiny import ARCHITECTURES, available, build_config, build_model
 
-from .common import NEW_HF_LAYOUT
-from .matrix import CASES, LEGACY
-
-# arch -> (decoder path, projector prefixes, vision prefix) in the installed transformers' layout, read from the
-# one architecture table (tests/matrix.py)
-EXPECTED = {name: CASES[name].paths(NEW_HF_LAYOUT) for name in LEGACY}
-_MISSING = "missing in this transformers"
-ARCHS = [pytest.param(a, marks=pytest.mark.skipif(not available(a), reason=_MISSING)) for a in EXPECTED]
+from .matrix import LEGACY_ARCHS as ARCHS
+from .matrix import PATHS
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +21,9 @@ def models():
 def test_finds_llm_layers_never_vision(models, arch):
     model = models[arch]
     layers, name = find_decoder_layers(model)
-    assert name == EXPECTED[arch][0]
+    assert name == PATHS[arch].layers
     assert model.get_submodule(name) is layers and len(layers) == 8
-    vision = EXPECTED[arch][2]
+    vision = PATHS[arch].vision
     if vision:
         assert not name.startswith(vision)
         vision_layer_types = {type(m) for n, m in model.named_modules() if n.startswith(vision)}
@@ -39,7 +33,7 @@ def test_finds_llm_layers_never_vision(models, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_parameter_groups(models, arch):
     model = models[arch]
-    path, projector, vision = EXPECTED[arch]
+    path, projector, vision = PATHS[arch]
     groups = {info.name: info for info in map_parameters(model)}
     assert set(groups) == {n for n, _ in model.named_parameters()}
     for name, info in groups.items():
@@ -64,7 +58,7 @@ def test_peft_wrapped(models):
     model = build_model("llava")
     wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     layers, name = find_decoder_layers(wrapped)
-    path = EXPECTED["llava"][0]
+    path = PATHS["llava"].layers
     assert name == f"base_model.model.{path}"
     assert wrapped.get_submodule(name) is layers is model.get_submodule(path)
     assert unwrap_model(wrapped) is model
@@ -75,7 +69,7 @@ def test_compiled_and_data_parallel_wrappers(models):
     model = models[arch]
     compiled = torch.compile(model)
     layers, name = find_decoder_layers(compiled)
-    path = EXPECTED[arch][0]
+    path = PATHS[arch].layers
     assert name == f"_orig_mod.{path}" and layers is model.get_submodule(path)
     dp = nn.DataParallel(model)
     assert find_decoder_layers(dp).name == f"module.{path}"
@@ -96,7 +90,7 @@ def test_ddp_wrapper(models, monkeypatch):
 
 def test_explicit_path(models):
     model = models["llava"]
-    path = EXPECTED["llava"][0]
+    path = PATHS["llava"].layers
     assert find_decoder_layers(model, path).layers is model.get_submodule(path)
     compiled = torch.compile(model)
     # relative to the wrapper or to the model inside it

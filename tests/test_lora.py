@@ -29,7 +29,8 @@ from .common import (
     requires_cpu_bnb,
     snapshot,
 )
-from .test_locate import ARCHS, EXPECTED
+from .matrix import LEGACY_ARCHS as ARCHS
+from .matrix import PATHS
 
 peft = pytest.importorskip("peft")
 LLAMA_LINEARS = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"} | {
@@ -52,7 +53,7 @@ def test_adapters_exactly_on_region_linears(arch):
     model = build_model(arch)
     config = region_lora_config(model, "uniform_0.25", r=4)
     wrapped = peft.get_peft_model(model, config)
-    path = EXPECTED[arch][0]
+    path = PATHS[arch].layers
     expected = {f"base_model.model.{path}.{i}.{sub}" for i in select_layers("uniform_0.25", 8) for sub in LLAMA_LINEARS}
     assert _lora_modules(wrapped) == expected and len(expected) == 2 * 7
 
@@ -62,7 +63,7 @@ def test_target_kinds_and_projector_in_full_precision(arch):
     model = build_model(arch)
     freeze_vision(model)
     wrapped, plan = apply_region_lora(model, "1,4", r=4, target=["q_proj", "v_proj"])
-    path = EXPECTED[arch][0]
+    path = PATHS[arch].layers
     assert _lora_modules(wrapped) == {f"base_model.model.{path}.{i}.self_attn.{k}_proj" for i in (1, 4) for k in "qv"}
     trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
     lora = {n for n in trainable if "lora_" in n}
@@ -141,7 +142,7 @@ def test_param_groups_with_trainer(tmp_path):
     before = snapshot(model)
     trainer.train()
     moved = changed(before, model)
-    assert moved == {n for n, _ in model.named_parameters() if n.startswith(f"{EXPECTED['llava'][0]}.2.")}
+    assert moved == {n for n, _ in model.named_parameters() if n.startswith(f"{PATHS['llava'].layers}.2.")}
 
 
 def _save(model, directory):
@@ -189,7 +190,7 @@ def test_qlora_region(tmp_path, arch):
     base_dir = _save(build_model(arch, hidden=BNB_HIDDEN), tmp_path / "base")
     model = load_quantized(base_dir, "nf4", dtype=torch.float32)
     wrapped, plan = prepare_qlora(model, "uniform_0.25", r=4, gradient_checkpointing=False)
-    core_path = EXPECTED[arch][0]
+    core_path = PATHS[arch].layers
     path = f"base_model.model.{core_path}"
     for index in range(8):  # every LLM layer is 4-bit; only region layers carry adapters
         assert "Linear4bit" in _quantized_linears(wrapped, path, index)
@@ -210,7 +211,7 @@ def test_hybrid_full_region_on_4bit_model(tmp_path, arch):
     assert quantized_layers(model) == {i: i not in (1, 7) for i in range(8)}
     freeze_vision(model)
     plan_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    path = EXPECTED[arch][0]
+    path = PATHS[arch].layers
     region = {n for n, _ in model.named_parameters() if n.startswith((f"{path}.1.", f"{path}.7."))}
     assert region <= plan_trainable
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if n in region)
@@ -221,7 +222,7 @@ def test_hybrid_full_region_on_4bit_model(tmp_path, arch):
     model.train()
     forward(model, inputs).loss.backward()
     optimizer.step()
-    projector = {n for n, _ in model.named_parameters() if any(n.startswith(p) for p in EXPECTED[arch][1])}
+    projector = {n for n, _ in model.named_parameters() if any(n.startswith(p) for p in PATHS[arch].projector)}
     assert changed(before, model) == region | projector
 
     # the hybrid checkpoint reloads as the same hybrid, region in full precision
@@ -266,7 +267,7 @@ def test_region_trainer_trains_a_hybrid_model(tmp_path):
         Trainer(model=model, args=args, train_dataset=data, data_collator=collate)
     before = snapshot(model)
     RegionTrainer(model=model, args=args, train_dataset=data, data_collator=collate).train()
-    path, projector = EXPECTED["llava"][0], EXPECTED["llava"][1]
+    path, projector = PATHS["llava"].layers, PATHS["llava"].projector
     expected = {
         n for n, _ in model.named_parameters() if n.startswith((f"{path}.1.", f"{path}.7.", *projector))
     }  # exactly the region layers (full precision) and the projector
@@ -301,7 +302,7 @@ def test_hybrid_int8_loads_and_runs(tmp_path):
     base_dir = _save(build_model("llava", hidden=BNB_HIDDEN), tmp_path / "base")
     model, _ = load_for_region(base_dir, "uniform_0.25", "int8", dtype=torch.float32)
     assert quantized_layers(model) == {i: i not in (1, 7) for i in range(8)}
-    assert _quantized_linears(model, EXPECTED["llava"][0], 0) == {"Linear8bitLt"}
+    assert _quantized_linears(model, PATHS["llava"].layers, 0) == {"Linear8bitLt"}
     with torch.no_grad():
         assert torch.isfinite(model(**example_inputs(model.config)).logits).all()
 

@@ -19,7 +19,7 @@ from transformers import HfArgumentParser, LlavaForConditionalGeneration, Traine
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from tests.common import LlavaSynthetic, collate  # noqa: E402
+from tests.common import LlavaSynthetic, collate, freeze_vision  # noqa: E402
 from vr_plugin import RegionFreezeCallback, apply_region_lora, find_decoder_layers, score_layers  # noqa: E402
 from vr_plugin.callback import _innermost, optimizer_parameters  # noqa: E402
 from vr_plugin.distributed import gathered, zero3_partitioned  # noqa: E402
@@ -64,7 +64,7 @@ def _optimizer_state(optimizer):
 
 def _load(extra):
     model = LlavaForConditionalGeneration.from_pretrained(extra.model_dir)  # ZeRO-3: partitioned while loading
-    model.model.vision_tower.requires_grad_(False)
+    freeze_vision(model)
     return model
 
 

@@ -18,7 +18,7 @@ from transformers import LlavaForConditionalGeneration, Trainer, TrainingArgumen
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from tests.common import LlavaSynthetic, collate  # noqa: E402
+from tests.common import LlavaSynthetic, collate, freeze_vision  # noqa: E402
 from vr_plugin import RegionFreezeCallback, find_decoder_layers  # noqa: E402
 from vr_plugin.callback import _clean_name, optimizer_parameters  # noqa: E402
 from vr_plugin.distributed import fsdp_config  # noqa: E402
@@ -57,7 +57,7 @@ def main():
     ns = parser.parse_args()
 
     model = LlavaForConditionalGeneration.from_pretrained(ns.model_dir)
-    model.model.vision_tower.requires_grad_(False)
+    freeze_vision(model)
     if ns.version == 1:  # what a user may have: the callback must switch use_orig_params on
         config = {**fsdp_config(model, version=1), "use_orig_params": False, "sync_module_states": False}
     else:
