@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
@@ -129,11 +128,9 @@ class QuantOptions:
         if self.bits and self.quantize_frozen:
             raise ValueError("give either bits (QLoRA) or quantize_frozen (hybrid), not both")
         if self.bits or self.quantize_frozen:
-            try:
-                importlib.import_module("bitsandbytes")
-            except ImportError:
-                why = "--bits / --quantize_frozen load the LLM through bitsandbytes"
-                raise ImportError(f"{why}, and bitsandbytes cannot be imported", name="bitsandbytes") from None
+            from .backends.bitsandbytes import require
+
+            require("--bits / --quantize_frozen load the LLM through bitsandbytes")
 
 
 @dataclass

@@ -21,7 +21,18 @@ import os
 import random
 from typing import Optional
 
-__all__ = ["COLOURS", "SHAPES", "QUESTIONS", "render", "caption", "make_vqa_dataset", "CALIBRATION_PROMPT"]
+__all__ = [
+    "COLOURS",
+    "SHAPES",
+    "QUESTIONS",
+    "render",
+    "caption",
+    "make_vqa_dataset",
+    "CALIBRATION_PROMPT",
+    "TEXT_QUESTION",
+    "arithmetic_facts",
+    "make_text_dataset",
+]
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (50, 80, 220), "yellow": (235, 205, 40)}
 SHAPES = ("circle", "square", "triangle")
@@ -33,6 +44,7 @@ QUESTIONS = {
 }
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 CALIBRATION_PROMPT = "Please describe this image in detail."
+TEXT_QUESTION = "What is {a} plus {b}?"  # the text-only task of vr-plugin study: sums with exact answers
 
 
 def _draw(draw, shape: str, box: tuple, fill: tuple) -> None:
@@ -154,3 +166,40 @@ def corpus() -> list:
         "USER: ASSISTANT: system user assistant",
     ]
     return lines
+
+
+def arithmetic_facts(max_operand: int = 10) -> list:
+    """Every ``(question, answer)`` of the text-only task: ``("What is 3 plus 4?", "7")`` for ``0 <= a, b <
+    max_operand``, in order."""
+    if max_operand < 1:
+        raise ValueError(f"max_operand must be >= 1, got {max_operand}")
+    return [(TEXT_QUESTION.format(a=a, b=b), str(a + b)) for a in range(max_operand) for b in range(max_operand)]
+
+
+def make_text_dataset(out_dir: str, max_operand: int = 10, seed: int = 0, repeats: int = 1) -> dict:
+    """Write the text-only task in LLaVA's format (records without ``image``): ``text_train.json`` (every fact of
+    :func:`arithmetic_facts`, ``repeats`` times, shuffled by ``seed``) and ``text_test.json`` (each fact once, in
+    order); return their paths.
+
+    The test questions are the training questions on purpose: the task stands for what an LLM knows before visual
+    instruction tuning (as MMLU does for a real one), and measures how much of it survives that tuning.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    facts = arithmetic_facts(max_operand)
+
+    def record(split: str, index: int, question: str, answer: str) -> dict:
+        turns = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+        return {"id": f"{split}-{index:06d}", "conversations": turns}
+
+    train = [record("text-train", i, q, a) for i, (q, a) in enumerate(facts * repeats)]
+    random.Random(seed).shuffle(train)
+    splits = {"text_train": train, "text_test": [record("text-test", i, q, a) for i, (q, a) in enumerate(facts)]}
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    for split, records in splits.items():
+        path = os.path.join(out_dir, f"{split}.json")
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(records, handle, indent=1)
+        paths[split] = path
+    return paths

@@ -13,6 +13,7 @@ __all__ = [
     "is_quantized_model",
     "is_quantized_param",
     "logical_shape",
+    "require",
 ]
 
 QUANTIZED_LINEARS = ("Linear4bit", "Linear8bitLt")  # subclasses of nn.Linear
@@ -45,3 +46,13 @@ def logical_shape(param: Any) -> Optional[tuple]:
 def is_quant_state_key(key: str) -> bool:
     """Whether a state-dict ``key`` is bitsandbytes' quantization state of a weight (``...weight.absmax``, ...)."""
     return key.endswith(_QUANT_STATE_SUFFIXES) or ".quant_state.bitsandbytes__" in key
+
+
+def require(why: str) -> None:
+    """Raise ``ImportError`` (``name="bitsandbytes"``) saying ``why`` it is needed, if it cannot be imported."""
+    import importlib
+
+    try:
+        importlib.import_module("bitsandbytes")
+    except ImportError:
+        raise ImportError(f"{why}, and bitsandbytes cannot be imported", name="bitsandbytes") from None
