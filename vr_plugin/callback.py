@@ -211,3 +211,9 @@ class RegionFreezeCallback(TrainerCallback):
         if self.plan is not None and state.is_world_process_zero:
             directory = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
             save_region_file(directory, RegionRecord(self.plan.spec, self.plan.layers, self.plan.num_layers))
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        # an adapter directory has no config.json to carry the region: write visual_region.json where the final
+        # save of a peft model goes (the Trainer's output_dir), whichever Trainer subclass saves it
+        if self.plan is not None and state.is_world_process_zero and hasattr(unwrap_model(model), "peft_config"):
+            save_region_file(args.output_dir, RegionRecord(self.plan.spec, self.plan.layers, self.plan.num_layers))
