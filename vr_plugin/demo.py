@@ -11,13 +11,19 @@ Everything is written under one folder (``./vr_demo`` by default):
    pre-trains every LLM and projector parameter on the captions, standing in for a pre-trained LLM plus LLaVA's
    alignment stage; the vision tower stays frozen throughout, as in LLaVA.
 4. ``models/region`` and ``models/full``: visual instruction tuning on the train questions from that base, with the
-   visual region (``uniform_0.25``) and with every layer (``all``), same data, steps, seed and learning rate.
-5. Held-out accuracy of base, region and full (:func:`vr_plugin.evaluate.evaluate`).
+   visual region (``uniform_0.25``) and with every layer (``all``), same data, steps and learning rate, once per
+   training seed (``seeds``, default 3: ``seed``, ``seed + 1``, ...; the later seeds' models are
+   ``models/region-seed1``, ...).
+5. Held-out accuracy of base and of every region and full model (:func:`vr_plugin.evaluate.evaluate`).
 6. ``scores/``: the angular distance of every layer on the calibration prompts (:func:`vr_plugin.score_layers`).
 7. ``models/region-pruned``: the lowest-scoring layers outside the region removed
    (:func:`vr_plugin.prune_outside_region`); ``models/full-pruned``: as many of the full model's lowest-scoring layers
-   removed, for comparison. Both are reloaded from disk and evaluated.
-8. ``report.md`` (the table), ``layers.png`` (the LLM's depth: region, scores, pruned layers) and ``loss.png``.
+   removed, for comparison; the same for every seed. All are reloaded from disk and evaluated.
+8. ``report.md`` (the table: mean accuracy and its range over the seeds, and every seed's), ``layers.png`` (the
+   LLM's depth: region, scores, pruned layers, of the first seed) and ``loss.png``; the table on the console.
+
+The code reads as these steps: decide (data, model) -> train -> evaluate -> prune (score, prune, re-evaluate) ->
+report.
 
 Every stage runs through the same functions as ``vr-plugin train / eval / score / prune``.
 """
@@ -43,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 REGION_SPEC = DEFAULT_SPEC
 METRIC = "angular"
+KINDS = ("region", "full")  # the headline comparison: the visual region against every layer
+SPECS = {"region": REGION_SPEC, "full": "all"}
 
 
 @dataclass
@@ -222,10 +230,6 @@ def _run(out: str, config: DemoConfig, progress: bool) -> DemoResult:
     evals = _evaluate(demo, ["base", *(demo.name(k, s) for s in demo.seeds for k in KINDS)])
     scores, pruned = _prune(demo, evals)
     return _report(demo, base_run, runs, evals, scores, pruned, start)
-
-
-KINDS = ("region", "full")  # the headline comparison: the visual region against every layer
-SPECS = {"region": REGION_SPEC, "full": "all"}
 
 
 def _decide(demo: _Demo) -> None:
@@ -588,6 +592,7 @@ def _layer_lines(config: DemoConfig, scores: dict, pruned: dict) -> list:
 def _command_lines(config: DemoConfig, timings: dict) -> list:
     b, s = config.batch_size, config.steps
     common = f"--images data/images --per_device_train_batch_size {b} --learning_rate {config.learning_rate:g}"
+    common += f" --seed {config.seed}"
     return [
         "## Time per stage",
         "",
@@ -595,7 +600,7 @@ def _command_lines(config: DemoConfig, timings: dict) -> list:
         "|---|---|",
         *[f"| {name} | {value:.1f} |" for name, value in timings.items()],
         "",
-        "## The same with the command line (seed 0; `--seed N` for the others)",
+        f"## The same with the command line (seed {config.seed}; `--seed N` for the others)",
         "",
         "```bash",
         f"vr-plugin train --model models/init --data data/captions.json {common} --visual_region all \\",
