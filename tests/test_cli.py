@@ -78,7 +78,7 @@ def weights(path):
 
 
 def test_help_of_every_subcommand_has_examples(capsys):
-    for command in ("select", "inspect", "train", "eval", "score", "prune", "demo"):
+    for command in ("select", "inspect", "train", "eval", "score", "prune", "demo", "sweep"):
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         assert exit_info.value.code == 0

@@ -162,14 +162,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _hf_parser():
+def _hf_parser(command: str = "train"):
     from transformers import HfArgumentParser, TrainingArguments
 
     class Parser(HfArgumentParser):
         def error(self, message: str):  # one line instead of the Trainer's whole usage
             raise CliError(f"training argument: {message}")
 
-    return Parser(TrainingArguments, prog="vr-plugin train")
+    return Parser(TrainingArguments, prog=f"vr-plugin {command}")
 
 
 def training_config_from(args: argparse.Namespace, **overrides: Any) -> Any:
@@ -392,7 +392,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
     config = DemoConfig.quick() if args.quick else DemoConfig()
-    for name in ("steps", "pretrain_steps", "n_train", "n_test", "num_layers", "seed", "threads"):
+    for name in ("steps", "pretrain_steps", "n_train", "n_test", "num_layers", "seed", "seeds", "threads"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     result = run_demo(args.out, config, progress=not args.no_progress)
@@ -621,6 +621,7 @@ def _add_demo_parser(sub: Any) -> None:
     p.add_argument(*_flag("n_test"), type=int, help="held-out questions (default: 200)")
     p.add_argument(*_flag("num_layers"), type=int, help="decoder layers of the demo LLM (default: 8)")
     p.add_argument("--seed", type=int, help="seed of the data, the model and the training")
+    p.add_argument("--seeds", type=int, help="training seeds of the region-vs-full comparison (default: 3)")
     p.add_argument("--threads", type=int, help="torch threads (default: 1, fastest for the demo's tiny matrices)")
     p.add_argument(*_flag("no_progress"), action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
@@ -694,7 +695,7 @@ def _add_study_parser(sub: Any) -> None:
     p.add_argument("--quick", action="store_true", help="a reduced run (tiny sizes, 2 seeds), for tests")
     p.add_argument("--seeds", type=int, help="how many seeds (default: 5)")
     p.add_argument("--seed", type=int, help="the first seed (default: 0)")
-    p.add_argument("--steps", type=int, help="visual instruction-tuning steps of each run (default: 80)")
+    p.add_argument("--steps", type=int, help="visual instruction-tuning steps of each run (default: 120)")
     p.add_argument("--jobs", type=int, help="processes running seeds in parallel (default: 2; numbers unchanged)")
     p.add_argument("--threads", type=int, help="torch threads per process (default: 1)")
     _overwrite_flag(p)
@@ -759,7 +760,7 @@ def main(argv: Optional[list] = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] and argv[0] in TRAINING_COMMANDS and any(a in ("--hf_help", "--hf-help") for a in argv):
-        _hf_parser().print_help()
+        _hf_parser(argv[0]).print_help()
         return 0
     args, rest = parser.parse_known_args(argv)
     takes_rest = args.command in TRAINING_COMMANDS
