@@ -1,7 +1,9 @@
-"""Run the suite's stack-relevant parts inside each legacy stack (see tests/stacks.py)."""
+"""Run the suite's stack-relevant parts inside each other stack (see tests/stacks.py): LLaVA's and Bunny's pins, and
+one virtual environment per host tool (tests/hosts/stack_<tool>.py)."""
 
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -13,11 +15,24 @@ pytestmark = [
     pytest.mark.skipif(bool(current()) or os.environ.get("VR_SKIP_STACKS") == "1", reason="nested run"),
 ]
 
+# pip spends much of a venv's setup waiting on downloads and disk: a few installs at once use the 2 cores better
+# than one after another. Set VR_STACK_BUILDS=1 to build them one by one.
+BUILDS = int(os.environ.get("VR_STACK_BUILDS", "3"))
+
+
+@pytest.fixture(scope="module")
+def built(request):
+    """Every selected stack's venv, built (or reused) concurrently before the first stack's tests run."""
+    names = sorted({item.callspec.params["name"] for item in request.session.items if item.module.__name__ == __name__})
+    with ThreadPoolExecutor(max_workers=max(1, BUILDS)) as pool:
+        futures = {name: pool.submit(ensure, STACKS[name]) for name in names}
+    return {name: future for name, future in futures.items()}
+
 
 @pytest.mark.parametrize("name", sorted(STACKS))
-def test_suite_in_stack(name):
+def test_suite_in_stack(name, built):
     stack = STACKS[name]
-    python = ensure(stack)
+    python = built[name].result() if name in built else ensure(stack)  # a failed build raises here, for its stack
     env = dict(os.environ, VR_STACK=name, **stack.env)
     env.pop("PYTHONPATH", None)
     command = [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *stack.tests]
