@@ -29,7 +29,24 @@ def test_fit_recovers_a_linear_model_and_its_residuals():
     assert memory_proxy.predict({"c0": 5, "c_region": 7}, 0, 32) == 5 + 7 * 32
 
 
-def test_tiny_hybrid_run(tmp_path):
+@pytest.fixture
+def restored():
+    """memory_proxy.main sets the process's torch threads, vr_plugin's log level and quieting environment variables
+    (benchlib.setup): put them all back. Later tests compare logits bit for bit with fresh interpreters that use the
+    default thread count, and read log lines of subprocesses that inherit this environment."""
+    import logging
+
+    import torch
+
+    threads, level, environ = torch.get_num_threads(), logging.getLogger("vr_plugin").level, dict(os.environ)
+    yield
+    torch.set_num_threads(threads)
+    logging.getLogger("vr_plugin").setLevel(level)
+    os.environ.clear()
+    os.environ.update(environ)
+
+
+def test_tiny_hybrid_run(tmp_path, restored):
     out = tmp_path / "proxy.json"
     report = memory_proxy.main(["--tiny", "--modes", "hybrid", "--threads", "1", "--out", str(out)])
     assert json.loads(out.read_text())["benchmark"] == "memory_proxy"
@@ -41,7 +58,9 @@ def test_tiny_hybrid_run(tmp_path):
         assert row["optimizer"] == "AdamW8bit"
         assert row["trainable"] == row["n_region"] * counts["layer"] + counts["projector"]
         assert row["peak_bytes"] > row["resting_bytes"] > 0
-        assert row["optimizer_state_bytes"] < row["grad_bytes"]  # 1 byte per moment value against bf16 gradients
+        # bitsandbytes keeps 32-bit moments for tensors under 4096 values, as most are at toy widths: only the
+        # real-width run has 1 byte per moment value
+        assert row["optimizer_state_bytes"] > 0
     hybrid = report["fits"]["hybrid"]
     assert hybrid["dof"] == 0 and len(hybrid["residuals"]) == 3  # the seq probe is not in the fit
     assert hybrid["seq_correction"]["probe"] == rows[3]["key"]

@@ -406,10 +406,18 @@ def run_seed(config: Any, seed: int, out: str, data: dict) -> dict:
     """Build the base of ``seed`` and run every strategy from it; write ``runs/seed<seed>.json``; return it."""
     import torch
 
+    config = config if isinstance(config, StudyConfig) else StudyConfig(**config)
+    threads = torch.get_num_threads()  # put back afterwards: a caller in the same process keeps its own setting
+    torch.set_num_threads(config.threads)
+    try:
+        return _run_seed(config, seed, out, data)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_seed(config: StudyConfig, seed: int, out: str, data: dict) -> dict:
     from .spec import region_size
 
-    config = config if isinstance(config, StudyConfig) else StudyConfig(**config)
-    torch.set_num_threads(config.threads)
     with _quiet():
         models = os.path.join(out, "models", f"seed{seed}")
         start = time.perf_counter()
