@@ -9,8 +9,9 @@ import pytest
 import torch
 import transformers
 from packaging import version
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from vr_plugin.synthetic import random_scene, render
 from vr_plugin.tiny import IMAGE_SIZE, IMAGE_TOKEN_ID, image_token_count
 
 # transformers 4.52 moved HF VLMs' language model under `model.` (model.language_model.layers)
@@ -31,19 +32,10 @@ requires_cpu_bnb = pytest.mark.skipif(
     not _cpu_bnb(), reason="bitsandbytes quantization on CPU needs newer transformers"
 )
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
-
 
 def synthetic_image(seed: int, size: int = IMAGE_SIZE) -> Image.Image:
-    """A PIL picture of one coloured shape on a grey background."""
-    rng = random.Random(seed)
-    image = Image.new("RGB", (size, size), (128, 128, 128))
-    draw = ImageDraw.Draw(image)
-    colour = rng.choice(list(COLOURS.values()))
-    x, y = rng.randint(0, size // 2), rng.randint(0, size // 2)
-    box = (x, y, x + size // 3, y + size // 3)
-    (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
-    return image
+    """A PIL picture of the synthetic VQA world (:func:`vr_plugin.synthetic.render` of a scene drawn by ``seed``)."""
+    return render(random_scene(random.Random(seed)), size)
 
 
 def clip_processor():

@@ -16,8 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.common import COLOURS, changed, requires_cpu_bnb, snapshot, synthetic_image
+from tests.common import changed, requires_cpu_bnb, snapshot, synthetic_image
 from vr_plugin.record import read_region
+from vr_plugin.synthetic import COLOURS
 from vr_plugin.tiny import save_tiny_lvlm
 
 pytest.importorskip("trl")

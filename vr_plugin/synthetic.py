@@ -24,6 +24,7 @@ from typing import Optional
 __all__ = [
     "COLOURS",
     "SHAPES",
+    "random_scene",
     "QUESTIONS",
     "render",
     "caption",
@@ -72,7 +73,8 @@ def render(scene: dict, size: int = 64):
     return image
 
 
-def _scene(rng: random.Random) -> dict:
+def random_scene(rng: random.Random) -> dict:
+    """A scene drawn by ``rng``: colour, shape, count (1-3) and position (left/right), for :func:`render`."""
     return {
         "colour": rng.choice(sorted(COLOURS)),
         "shape": rng.choice(SHAPES),
@@ -107,7 +109,7 @@ def make_vqa_dataset(
     os.makedirs(image_dir, exist_ok=True)
     splits: dict = {"train": [], "test": [], "calibration": [], "captions": []}
     for index in range(n_train + n_test):
-        scene = _scene(rng)
+        scene = random_scene(rng)
         name = f"{index:06d}.png"
         render(scene, image_size).save(os.path.join(image_dir, name))
         kind = kinds[index % len(kinds)]
