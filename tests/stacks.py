@@ -53,6 +53,14 @@ class Stack:
 
 
 COMMON_TEST_TOOLS = ("pytest", "hypothesis")
+# every host-tool stack runs offline, on CPU, without telemetry
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "CUDA_VISIBLE_DEVICES": "",
+    "WANDB_MODE": "disabled",
+}
 
 STACKS = {
     # LLaVA (haotian-liu/LLaVA c121f04 == llava-torch 1.2.2.post1) on its transformers pin.

@@ -18,7 +18,7 @@ from vr_plugin.data import (
     IGNORE_INDEX,
     Collator,
     ConversationDataset,
-    _sample,
+    as_sample,
     calibration_batches,
     collate,
     decode_new_tokens,
@@ -423,7 +423,7 @@ def test_left_padded_batch_generates_as_one_at_a_time(tiny, vqa):
     if arch != "mllama":  # see the end
         prompts += others
     assert len({p["input_ids"].shape[1] for p in prompts}) == len(prompts)
-    batch = collate([_sample(p) for p in prompts], pad, padding_side="left")
+    batch = collate([as_sample(p) for p in prompts], pad, padding_side="left")
     length = batch["input_ids"].shape[1]
     for row, prompt in enumerate(prompts):
         start = length - prompt["input_ids"].shape[1]
@@ -441,7 +441,7 @@ def test_left_padded_batch_generates_as_one_at_a_time(tiny, vqa):
     if arch == "mllama":
         # HF Mllama's text rows that see no image (those before a prompt's first image, all of a text-only prompt's)
         # attend evenly to every image slot of the batch: a padding image (a sample with fewer images) changes them
-        mixed = collate([_sample(p) for p in prompts + others], pad, padding_side="left")
+        mixed = collate([as_sample(p) for p in prompts + others], pad, padding_side="left")
         assert mixed["pixel_values"].shape[:3] == (4, 2, 2) and (mixed["cross_attention_mask"][3] == 0).all()
         assert model.generate(**mixed, max_new_tokens=2, do_sample=False, pad_token_id=pad).shape[0] == 4
 

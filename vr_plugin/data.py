@@ -34,13 +34,18 @@ __all__ = [
     "IGNORE_INDEX",
     "Collator",
     "ConversationDataset",
+    "as_sample",
+    "batch_to_model",
     "calibration_batches",
     "collate",
     "decode_new_tokens",
     "encode_conversation",
     "load_conversations",
     "load_processor",
+    "pad_token_id_of",
     "prompt_inputs",
+    "record_messages",
+    "record_name",
     "to_messages",
     "validate_conversations",
 ]
@@ -67,7 +72,7 @@ PER_SAMPLE_IMAGE_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"
 # ----------------------------------------------------------------------------------------------------- records
 
 
-def _name(record: Any, index: Optional[int] = None) -> str:
+def record_name(record: Any, index: Optional[int] = None) -> str:
     """How errors name a record: by its ``id``, else by its index."""
     if isinstance(record, dict) and "id" in record:
         return f"record {record['id']!r}"
@@ -82,7 +87,7 @@ def record_images(record: dict, name: Optional[str] = None) -> list:
     names = [images] if isinstance(images, str) else images
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
         raise ValueError(
-            f"{name or _name(record)}: field 'image' must be a file name or a list of them, got {images!r}"
+            f"{name or record_name(record)}: field 'image' must be a file name or a list of them, got {images!r}"
         )
     return list(names)
 
@@ -107,10 +112,10 @@ def to_messages(record: dict) -> list:
     with an image but no marker gets it at the start of the first human turn.  Raises ``ValueError`` naming the
     record and the field for anything else that is off.
     """
-    return _messages(record, _name(record))
+    return record_messages(record, record_name(record))
 
 
-def _messages(record: dict, name: str) -> list:
+def record_messages(record: dict, name: str) -> list:
     if not isinstance(record, dict):
         raise ValueError(f"{name}: expected a JSON object with 'conversations', got {type(record).__name__}")
     turns = record.get("conversations")
@@ -189,7 +194,7 @@ def _check_records(path: str, records: list, lines: list) -> None:
     """Validate every record's structure; ``ValueError`` naming the file (and line of a ``.jsonl``) and record."""
     for index, record in enumerate(records):
         where = f"{path} line {lines[index]}" if lines else path
-        _messages(record, f"{where}: {_name(record, index)}")
+        record_messages(record, f"{where}: {record_name(record, index)}")
 
 
 def load_conversations(path: str) -> list:
@@ -378,7 +383,7 @@ def _encode_text(processor: Any, text: str, images: list) -> dict:
     ).data
 
 
-def _sample(encoded: dict) -> dict:
+def as_sample(encoded: dict) -> dict:
     """A batch of one as one sample: token-level tensors lose their batch dimension, image-level ones keep theirs."""
     return {key: value[0] if key in TOKEN_KEYS else value for key, value in encoded.items()}
 
@@ -434,7 +439,7 @@ def encode_conversation(
     """
     images = list(images)
     full, spans = assistant_spans(processor, messages, name)
-    sample = _sample(_encode_text(processor, full, images))
+    sample = as_sample(_encode_text(processor, full, images))
     ids = sample["input_ids"]
     labels = torch.full_like(ids, IGNORE_INDEX)
     for before, after in spans:
@@ -484,7 +489,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         self._cache: Optional[dict] = {} if cache else None
         for index, record in enumerate(self.records):
             name = self._name(record, index)
-            if not any(m["role"] == "assistant" for m in _messages(record, name)):
+            if not any(m["role"] == "assistant" for m in record_messages(record, name)):
                 raise ValueError(f"{name}: field 'conversations' has no gpt turn to learn from")
             for path in _image_paths(record, image_folder):
                 if not os.path.isfile(path):
@@ -494,7 +499,7 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def _name(self, record: Any, index: int) -> str:
         """A record as errors name it: by ``id`` (else index), after the file it came from when that is known."""
-        return f"{self.source}: {_name(record, index)}" if self.source else _name(record, index)
+        return f"{self.source}: {record_name(record, index)}" if self.source else record_name(record, index)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -505,7 +510,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         record = self.records[index]
         name = self._name(record, index)
         images = [_load_image(path, name) for path in _image_paths(record, self.image_folder)]
-        sample = encode_conversation(self.processor, _messages(record, name), images, self.max_length, name)
+        sample = encode_conversation(self.processor, record_messages(record, name), images, self.max_length, name)
         if self._cache is not None:
             self._cache[index] = sample
         return sample
@@ -580,7 +585,21 @@ def collate(features: Sequence[dict], pad_token_id: int, padding_side: str = "ri
     return batch
 
 
-def _pad_id(processor: Any) -> int:
+def batch_to_model(batch: dict, model: Any) -> dict:
+    """``batch``'s tensors on ``model``'s device, floating ones in ``model``'s dtype (float32 for a quantized one)."""
+    parameter = next(model.parameters())
+    floating = parameter.dtype if parameter.dtype.is_floating_point else torch.float32
+    moved = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(parameter.device)
+            if value.is_floating_point():
+                value = value.to(floating)
+        moved[key] = value
+    return moved
+
+
+def pad_token_id_of(processor: Any) -> int:
     tokenizer = _tokenizer(processor)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
@@ -592,7 +611,7 @@ class Collator:
     """``collate`` with the pad id of ``processor``'s tokenizer, for ``Trainer(data_collator=...)``."""
 
     def __init__(self, processor: Any):
-        self.pad_token_id = _pad_id(processor)
+        self.pad_token_id = pad_token_id_of(processor)
 
     def __call__(self, features: Sequence[dict]) -> dict:
         return collate(features, self.pad_token_id)
@@ -624,7 +643,7 @@ def prompt_inputs(
         messages = [{"role": "user", "content": ([{"type": "image"}] if image is not None else []) + content}]
         images = [image] if image is not None else []
     else:
-        record, name = record_or_question, _name(record_or_question)
+        record, name = record_or_question, record_name(record_or_question)
         if image is not None:
             record = {**record, "image": "(the image argument)"}
         messages = _prompt_messages(to_messages(record))
@@ -656,12 +675,12 @@ def calibration_batches(
     already read ones of ``json_path`` (:func:`validate_conversations`'s), so that the file is not read again.
     """
     records = (load_conversations(json_path) if records is None else list(records))[:limit]
-    pad_token_id = _pad_id(processor)
+    pad_token_id = pad_token_id_of(processor)
     for start in range(0, len(records), batch_size):
         features = []
         for index, record in enumerate(records[start : start + batch_size], start):
-            name = _name(record, index)
-            messages = _messages(record, name)
+            name = record_name(record, index)
+            messages = record_messages(record, name)
             system = [m for m in messages if m["role"] == "system"]
             content = []
             for message in (m for m in messages if m["role"] == "user"):
@@ -669,5 +688,5 @@ def calibration_batches(
             user = {"role": "user", "content": content}
             images = [_load_image(path, name) for path in _image_paths(record, image_folder)]
             text = _render(processor, system + [user], add_generation_prompt=True)
-            features.append(_sample(_encode_text(processor, text, images)))
+            features.append(as_sample(_encode_text(processor, text, images)))
         yield collate(features, pad_token_id)

@@ -24,7 +24,17 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from .data import _messages, _name, _pad_id, _sample, collate, decode_new_tokens, load_conversations, prompt_inputs
+from .data import (
+    as_sample,
+    batch_to_model,
+    collate,
+    decode_new_tokens,
+    load_conversations,
+    pad_token_id_of,
+    prompt_inputs,
+    record_messages,
+    record_name,
+)
 from .io import write_json
 
 __all__ = [
@@ -142,26 +152,13 @@ def qa_records(records: Union[str, Sequence[dict]], *, source: Optional[str] = N
         raise ValueError(f"{source or 'the data'} holds no records to evaluate")
     out = []
     for index, record in enumerate(items):
-        name = f"{source}: {_name(record, index)}" if source else _name(record, index)
-        messages = _messages(record, name)
+        name = f"{source}: {record_name(record, index)}" if source else record_name(record, index)
+        messages = record_messages(record, name)
         if messages[-1]["role"] != "assistant":
             raise ValueError(f"{name}: the last turn must be the gpt answer to score against, got a human turn")
         question = _text(next(m for m in reversed(messages) if m["role"] == "user"))
         out.append((record, question, _text(messages[-1])))
     return out
-
-
-def _to_device(batch: dict, model: Any) -> dict:
-    parameter = next(model.parameters())
-    floating = parameter.dtype if parameter.dtype.is_floating_point else torch.float32
-    moved = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(parameter.device)
-            if value.is_floating_point():
-                value = value.to(floating)
-        moved[key] = value
-    return moved
 
 
 def _predict(
@@ -174,7 +171,7 @@ def _predict(
     progress: bool,
 ) -> list:
     """Greedy answers in batches (left-padded), each scored against its record's answer."""
-    pad = _pad_id(processor)
+    pad = pad_token_id_of(processor)
     predictions = []
     bar = None
     if progress:
@@ -184,8 +181,8 @@ def _predict(
     try:
         for first in range(0, len(items), batch_size):
             chunk = items[first : first + batch_size]
-            features = [_sample(prompt_inputs(processor, record, image_folder=image_folder)) for record, _, _ in chunk]
-            batch = _to_device(collate(features, pad, padding_side="left"), model)
+            features = [as_sample(prompt_inputs(processor, r, image_folder=image_folder)) for r, _, _ in chunk]
+            batch = batch_to_model(collate(features, pad, padding_side="left"), model)
             output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
             for (record, question, answer), prediction in zip(chunk, decode_new_tokens(processor, batch, output)):
                 correct, kind = is_correct(prediction, answer, question)

@@ -29,6 +29,7 @@ __all__ = [
     "text_config",
     "num_layers_from_config",
     "visual_entry_layers",
+    "check_same_model",
     "model_identity",
     "GROUPS",
 ]
@@ -352,3 +353,22 @@ def model_identity(config: Any) -> dict:
     shape["original_num_layers"] = original
     digest = hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {"original_num_layers": int(original), "layer_ids": [int(i) for i in ids], "fingerprint": digest}
+
+
+def check_same_model(identity: dict, config: Any, source: str, subject: str = "this one") -> dict:
+    """Raise ``ValueError`` unless ``identity`` (a scores file's :func:`model_identity`) is ``config``'s model.
+
+    ``source`` names the scores in the message, ``subject`` the model they are matched against. Returns this
+    model's identity.
+    """
+    mine = model_identity(config)
+    if (
+        identity.get("fingerprint") != mine["fingerprint"]
+        or identity.get("original_num_layers") != mine["original_num_layers"]
+    ):
+        raise ValueError(
+            f"{source} belong to another model (fingerprint {identity.get('fingerprint')}, "
+            f"{identity.get('original_num_layers')} original layers) than {subject} (fingerprint "
+            f"{mine['fingerprint']}, {mine['original_num_layers']} original layers); score this model (vr-plugin score)"
+        )
+    return mine

@@ -62,7 +62,7 @@ def _scores_and_metric(scores: Any, model: Optional[nn.Module] = None) -> tuple:
 
 def _match_scores(by_layer: dict, identity: dict, model: nn.Module, source: str) -> dict:
     """Scores of the model they were computed on, mapped to ``model``'s current layers by original numbering."""
-    from .locate import model_identity
+    from .locate import check_same_model, model_identity
 
     mine = model_identity(unwrap_model(model).config)
     depth = len(mine["layer_ids"])
@@ -71,15 +71,7 @@ def _match_scores(by_layer: dict, identity: dict, model: nn.Module, source: str)
         if extra:
             raise ValueError(f"{source} cover layers up to {max(by_layer)}, but this model has {depth} layers")
         return by_layer
-    if (
-        identity.get("fingerprint") != mine["fingerprint"]
-        or identity.get("original_num_layers") != mine["original_num_layers"]
-    ):
-        raise ValueError(
-            f"{source} belong to another model (fingerprint {identity.get('fingerprint')}, "
-            f"{identity.get('original_num_layers')} original layers) than this one (fingerprint {mine['fingerprint']}, "
-            f"{mine['original_num_layers']} original layers); score this model (vr-plugin score)"
-        )
+    check_same_model(identity, unwrap_model(model).config, source)
     position = {original: j for j, original in enumerate(identity.get("layer_ids", []))}
     return {
         i: by_layer[position[o]] for i, o in enumerate(mine["layer_ids"]) if o in position and position[o] in by_layer

@@ -244,18 +244,6 @@ def finished_runs(plan: SweepPlan, overwrite: bool) -> list:
 # ------------------------------------------------------------------------------------------------------ one run
 
 
-def _batch_to(batch: dict, device: Any, dtype: Any) -> dict:
-    """Tensors of ``batch`` on ``device``, floating ones in ``dtype``."""
-    moved = {}
-    for key, value in batch.items():
-        if hasattr(value, "to"):
-            value = value.to(device)
-            if value.is_floating_point():
-                value = value.to(dtype)
-        moved[key] = value
-    return moved
-
-
 def eval_loss(
     model: Any,
     processor: Any,
@@ -273,12 +261,10 @@ def eval_loss(
     """
     import torch
 
-    from .data import Collator, ConversationDataset
+    from .data import Collator, ConversationDataset, batch_to_model
 
     dataset = ConversationDataset(records, image_folder, processor, max_length=max_length, source=source)
     collator = Collator(processor)
-    parameter = next(model.parameters())
-    dtype = parameter.dtype if parameter.dtype.is_floating_point else torch.float32
     was_training, total, tokens = model.training, 0.0, 0
     model.eval()
     try:
@@ -287,7 +273,7 @@ def eval_loss(
                 batch = collator([dataset[i] for i in range(first, min(first + batch_size, len(dataset)))])
                 count = int((batch["labels"][:, 1:] != -100).sum())  # the tokens the shifted loss averages over
                 if count:
-                    total += float(model(**_batch_to(batch, parameter.device, dtype)).loss) * count
+                    total += float(model(**batch_to_model(batch, model)).loss) * count
                     tokens += count
     finally:
         model.train(was_training)

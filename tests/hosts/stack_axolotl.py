@@ -5,7 +5,7 @@ lm_eval, s3fs/gcsfs/adlfs/ocifs, mistral-common) and a torch range: it is instal
 packages its training path imports on a CPU machine, all under ``torch==2.13.0``.
 """
 
-from ..stacks import COMMON_TEST_TOOLS, Stack
+from ..stacks import COMMON_TEST_TOOLS, OFFLINE_ENV, Stack
 
 STACK = Stack(
     name="axolotl",
@@ -48,11 +48,7 @@ STACK = Stack(
     no_deps=("axolotl==0.19.0", "axolotl-contribs-lgpl==0.0.7", "axolotl-contribs-mit==0.0.6"),
     tests=("tests/hosts/test_axolotl.py",),
     env={
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-        "WANDB_MODE": "disabled",
+        **OFFLINE_ENV,
         "AXOLOTL_DO_NOT_TRACK": "1",
         "DO_NOT_TRACK": "1",
     },

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..stacks import COMMON_TEST_TOOLS, Stack
+from ..stacks import COMMON_TEST_TOOLS, OFFLINE_ENV, Stack
 
 TORCHAUDIO_STUB = '''"""Stub written by tests/hosts/stack_llamafactory.py: no torchaudio build exists for this torch.
 
@@ -65,11 +65,7 @@ STACK = Stack(
     no_deps=("llamafactory==0.9.5",),
     tests=("tests/hosts/test_llamafactory.py",),
     env={
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-        "WANDB_MODE": "disabled",
+        **OFFLINE_ENV,
         "DISABLE_VERSION_CHECK": "1",
     },
     after_install=write_torchaudio_stub,

@@ -1,6 +1,6 @@
 """lmms-eval 0.7.3 in its own venv: region-tuned and pruned checkpoints through its llava_hf, and ``vr_pruned``."""
 
-from ..stacks import COMMON_TEST_TOOLS, Stack
+from ..stacks import COMMON_TEST_TOOLS, OFFLINE_ENV, Stack
 
 STACK = Stack(
     name="lmms_eval",
@@ -35,11 +35,7 @@ STACK = Stack(
     no_deps=("lmms-eval==0.7.3",),
     tests=("tests/hosts/test_lmms_eval.py",),
     env={
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-        "WANDB_MODE": "disabled",
+        **OFFLINE_ENV,
         "TOKENIZERS_PARALLELISM": "false",
     },
     revision="1",

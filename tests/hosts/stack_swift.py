@@ -1,6 +1,6 @@
 """The ms-swift stack: ``swift sft`` 4.6.0 on its own transformers / peft / trl pins (tests/hosts/test_swift.py)."""
 
-from ..stacks import COMMON_TEST_TOOLS, Stack
+from ..stacks import COMMON_TEST_TOOLS, OFFLINE_ENV, Stack
 
 STACK = Stack(
     name="swift",
@@ -18,12 +18,8 @@ STACK = Stack(
     ),
     tests=("tests/hosts/test_swift.py",),
     env={
+        **OFFLINE_ENV,
         "USE_HF": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-        "WANDB_MODE": "disabled",
     },
     revision="1",
     note="ms-swift 4.6.0 (transformers 5.19.0, peft 0.20.0, trl 0.29.1): swift sft on the tiny Llava (llava1_5_hf)",

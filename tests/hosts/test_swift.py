@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from ..stacks import current
+from ..stacks import OFFLINE_ENV, current
 
 pytestmark = [
     pytest.mark.stack,
@@ -24,14 +24,7 @@ pytestmark = [
 SPEC = "uniform_0.25"
 REGION = [1, 7]  # uniform_0.25 of 8 layers
 LINEAR_KINDS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-OFFLINE = {
-    "USE_HF": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "CUDA_VISIBLE_DEVICES": "",
-    "WANDB_MODE": "disabled",
-}
+OFFLINE = {"USE_HF": "1", **OFFLINE_ENV}
 _LLM_LAYER = re.compile(r"language_model\.(?:model\.)?layers\.(\d+)\.")
 
 

@@ -71,7 +71,7 @@ def _layers_text(value: Any) -> str:
 
 def _check_scores(path: Any, config: Any) -> str:
     """``scores=``: a scores file of this model (same LLM shape and original depth), read before weights load."""
-    from ..locate import model_identity
+    from ..locate import check_same_model
     from ..score import load_scores
 
     if not isinstance(path, str) or not path:
@@ -80,16 +80,8 @@ def _check_scores(path: Any, config: Any) -> str:
         identity = load_scores(path).identity
     except FileNotFoundError as error:
         raise ValueError(f"scores={path!r}: {error}") from None
-    mine = model_identity(config)
-    if identity and (
-        identity.get("fingerprint") != mine["fingerprint"]
-        or identity.get("original_num_layers") != mine["original_num_layers"]
-    ):
-        raise ValueError(
-            f"scores={path!r} belong to another model (fingerprint {identity.get('fingerprint')}, "
-            f"{identity.get('original_num_layers')} original layers) than pretrained (fingerprint "
-            f"{mine['fingerprint']}, {mine['original_num_layers']} original layers); score this model"
-        )
+    if identity:
+        check_same_model(identity, config, f"scores={path!r}", "pretrained")
     return path
 
 
