@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 
@@ -169,3 +170,15 @@ def quantize_linears_nf4(module: torch.nn.Module) -> None:
                 if child.bias is not None:
                     quantized.bias = child.bias
                 setattr(parent, name, quantized.to("cpu"))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` torch threads, then restore the previous count (tests must leave the process as they
+    found it: later ones compare logits bit for bit with fresh interpreters)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

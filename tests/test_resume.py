@@ -14,7 +14,7 @@ from vr_plugin.resume import ResumeError
 from vr_plugin.synthetic import make_vqa_dataset
 from vr_plugin.tiny import available, save_tiny_lvlm
 
-from .common import LlavaSynthetic, collate, freeze_vision, requires_cpu_bnb
+from .common import LlavaSynthetic, collate, freeze_vision, requires_cpu_bnb, torch_threads
 from .test_cli import ROOT, cli, fails
 
 pytestmark = pytest.mark.slow
@@ -33,10 +33,8 @@ BNB = [pytest.param("llava", m, id=f"llava-{m}", marks=requires_cpu_bnb) for m i
 def one_thread():
     """The killed run is a subprocess with one thread; the in-process runs use one too (sums over threads round
     differently, and resumed must equal uninterrupted to the bit)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

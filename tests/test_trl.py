@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.common import changed, requires_cpu_bnb, snapshot, synthetic_image
+from tests.common import changed, requires_cpu_bnb, snapshot, synthetic_image, torch_threads
 from vr_plugin.record import read_region
 from vr_plugin.synthetic import COLOURS
 from vr_plugin.tiny import save_tiny_lvlm
@@ -43,10 +43,8 @@ def one_thread(monkeypatch):
     """Tiny tensors on a busy 2-core machine: one thread is several times faster; no hub calls."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def records(n: int = 4) -> list:

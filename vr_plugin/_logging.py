@@ -76,3 +76,15 @@ def log_levels(
         target.setLevel(saved[0])
         hf_logging.set_verbosity(saved[1])
         (hf_logging.enable_progress_bar if saved[2] else hf_logging.disable_progress_bar)()
+
+
+@contextlib.contextmanager
+def quiet_library(keep: Optional[str] = None) -> Iterator[None]:
+    """Inside a long job (demo, study, sweep): the library's INFO lines and transformers' loading bars off the
+    console; ``keep`` names the job's own logger, which stays at INFO."""
+    with log_levels(logging.WARNING, transformers_level=logging.ERROR, bars=False):
+        if keep is None:
+            yield
+        else:
+            with log_levels(logging.INFO, logger=keep):
+                yield

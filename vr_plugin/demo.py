@@ -40,6 +40,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Optional
 
+from ._logging import quiet_library
 from .io import write_json
 from .spec import DEFAULT_SPEC
 
@@ -142,16 +143,6 @@ def _per_question(reports: list) -> dict:
     return {q: sum(v) / len(v) for q, v in groups.items()}
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Inside the demo: the vr_plugin library's INFO lines and transformers' loading bars stay off the console."""
-    from ._logging import log_levels
-
-    with log_levels(logging.WARNING, transformers_level=logging.ERROR, bars=False):
-        with log_levels(logging.INFO, logger=logger.name):  # the demo's own stage lines
-            yield
-
-
 def _training_args(out: str, steps: int, config: DemoConfig, progress: bool, seed: int) -> Any:
     from transformers import TrainingArguments
 
@@ -183,7 +174,7 @@ def run_demo(out_dir: str = "vr_demo", config: Optional[DemoConfig] = None, prog
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
-        with _quiet():
+        with quiet_library(keep=logger.name):
             return _run(os.path.abspath(out_dir), config, progress)
     finally:
         torch.set_num_threads(threads)

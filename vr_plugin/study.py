@@ -24,7 +24,6 @@ same numbers, whichever ``jobs`` ran them; only the timings vary. Importing this
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import logging
 import math
@@ -33,8 +32,9 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
+from ._logging import quiet_library
 from .io import write_json
 
 __all__ = [
@@ -163,16 +163,6 @@ def plan_strategies(config: StudyConfig) -> list:
 
 
 # ------------------------------------------------------------------------------------------------ one seed
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """The library's INFO lines and transformers' bars stay off the console; the study's own lines stay on."""
-    from ._logging import log_levels
-
-    with log_levels(logging.WARNING, transformers_level=logging.ERROR, bars=False):
-        with log_levels(logging.INFO, logger=logger.name):
-            yield
 
 
 def _arguments(out: str, steps: int, config: StudyConfig, seed: int) -> Any:
@@ -418,7 +408,7 @@ def run_seed(config: Any, seed: int, out: str, data: dict) -> dict:
 def _run_seed(config: StudyConfig, seed: int, out: str, data: dict) -> dict:
     from .spec import region_size
 
-    with _quiet():
+    with quiet_library(keep=logger.name):
         models = os.path.join(out, "models", f"seed{seed}")
         start = time.perf_counter()
         base = build_base(config, seed, data, models)
@@ -577,7 +567,7 @@ def run_study(out_dir: str = "study", config: Optional[StudyConfig] = None, *, o
     start = time.perf_counter()
     machine = _machine()
     with writing(out, "vr-plugin study", replace=overwrite) as target:
-        with _quiet():
+        with quiet_library(keep=logger.name):
             logger.info("study: %d strategies x %d seeds into %s", len(strategies), config.seeds, out)
             data = make_data(os.path.join(target, "data"), config)
             seeds = _run_seeds(config, target, data)

@@ -28,8 +28,9 @@ import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
+from ._logging import quiet_library
 from .io import write_json
 from .spec import DEFAULT_SPEC, describe_indices
 
@@ -481,18 +482,6 @@ def plot_sweep(out: str, ranked: list, num_layers: int, recommended: Optional[di
 # ------------------------------------------------------------------------------------------------------ sweep
 
 
-@contextlib.contextmanager
-def _quiet(verbose: bool) -> Iterator[None]:
-    """During a run: the library's INFO lines (the region table of every run) and loading bars off the console."""
-    if verbose:
-        yield
-        return
-    from ._logging import log_levels
-
-    with log_levels(logging.WARNING, transformers_level=logging.ERROR, bars=False):
-        yield
-
-
 def _progress(total: int, done: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
@@ -532,7 +521,7 @@ def run_sweep(args: argparse.Namespace, hf_args: list) -> SweepResult:
         with _progress(len(plan.strategies), len(plan.strategies) - len(todo), main and not args.no_progress) as bar:
             for spec in todo:
                 bar.set_postfix_str(spec)
-                with _quiet(getattr(args, "verbose", False)):
+                with contextlib.nullcontext() if getattr(args, "verbose", False) else quiet_library():
                     runs.append(run_one(args, plan, spec, target, main))
                 if main:
                     record_runs(target, plan, runs)
