@@ -11,6 +11,7 @@ import hashlib
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -19,6 +20,11 @@ from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 VENVS = ROOT / ".venvs"
+# every stack's full resolved set, as last tested (``python -m tests.lock_stacks NAME`` rewrites one): a new release
+# on PyPI of something a host tool leaves unpinned cannot change or break a stack between two CI runs
+LOCKS = Path(__file__).resolve().parent / "locks"
+PIP = "pip==26.3"
+PIP_ATTEMPTS = 2  # a download that fails half-way (a busy registry, a dropped connection) is tried once more
 
 
 @dataclass(frozen=True)
@@ -44,8 +50,14 @@ class Stack:
     def python(self) -> Path:
         return self.path / "bin" / "python"
 
+    @property
+    def lock(self) -> Path:
+        return LOCKS / f"{self.name}.txt"
+
     def fingerprint(self) -> str:
         parts = [self.requirements, self.no_deps] + ([self.revision] if self.revision else [])
+        if self.lock.is_file():
+            parts.append(self.lock.read_text())
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
     def site_packages(self) -> Path:
@@ -146,6 +158,28 @@ def _run(command: list, **kwargs) -> None:
     subprocess.run(command, check=True, **kwargs)
 
 
+class StackBuildError(RuntimeError):
+    """A stack's pip install failed; the message carries pip's own last lines and the free disk."""
+
+
+def _pip(stack: Stack, args: list) -> None:
+    """``pip install ARGS`` into the stack's venv (with its lock as constraints), tried PIP_ATTEMPTS times."""
+    command = [str(stack.python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *args]
+    if stack.lock.is_file():
+        command += ["-c", str(stack.lock)]
+    for _ in range(PIP_ATTEMPTS):
+        run = subprocess.run(command, capture_output=True, text=True)
+        if run.returncode == 0:
+            return
+        log = (run.stdout + run.stderr).strip().splitlines()
+        log = [line for line in log if "is ignored: it is neither a file nor a directory" not in line]
+    free = shutil.disk_usage(stack.path).free / 2**30
+    raise StackBuildError(
+        f"stack {stack.name!r}: pip install failed {PIP_ATTEMPTS} times (exit {run.returncode}; {free:.1f} GiB free"
+        f" on {stack.path}): {' '.join(args)}\n" + "\n".join(log[-40:])
+    )
+
+
 def ensure(stack: Stack) -> Path:
     """Create (or reuse) the stack's virtual environment with vr_plugin from this checkout; return its python."""
     stamp = stack.path / ".vr-stack"
@@ -153,16 +187,30 @@ def ensure(stack: Stack) -> Path:
         return stack.python
     VENVS.mkdir(exist_ok=True)
     _run([sys.executable, "-m", "venv", "--clear", str(stack.path)])
-    pip = [str(stack.python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    _run(pip + ["--upgrade", "pip"])
-    _run(pip + list(stack.requirements))
+    _pip(stack, [PIP])
+    _pip(stack, list(stack.requirements))
     if stack.no_deps:
-        _run(pip + ["--no-deps"] + list(stack.no_deps))
-    _run(pip + ["--no-deps", "-e", str(ROOT)])
+        _pip(stack, ["--no-deps", *stack.no_deps])
+    _pip(stack, ["--no-deps", "-e", str(ROOT)])
     if stack.after_install is not None:
         stack.after_install(stack.site_packages())
     stamp.write_text(stack.fingerprint())
     return stack.python
+
+
+def lock(stack: Stack) -> Path:
+    """Write the stack's built venv's resolved set (pip freeze, less this checkout and torch) as its lock."""
+    frozen = subprocess.run(
+        [str(stack.python), "-m", "pip", "freeze", "--disable-pip-version-check"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    keep = [line for line in frozen if "==" in line and not line.startswith(("-e", "#", "torch=="))]
+    LOCKS.mkdir(exist_ok=True)
+    header = f"# {stack.name}: pip freeze of the tested venv (python -m tests.lock_stacks {stack.name})\n"
+    stack.lock.write_text(header + "\n".join(keep) + "\n")
+    return stack.lock
 
 
 def current() -> str:

@@ -3,10 +3,12 @@ one virtual environment per host tool (tests/hosts/stack_<tool>.py)."""
 
 import os
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from . import stacks
 from .stacks import ROOT, STACKS, current, ensure
 
 pytestmark = [
@@ -40,3 +42,26 @@ def test_suite_in_stack(name, built):
     tail = (run.stdout + run.stderr)[-6000:]
     print(tail)
     assert run.returncode == 0, f"suite failed in stack {name!r} ({stack.note}):\n{tail}"
+
+
+def test_every_stack_is_locked():
+    """Each stack installs against its recorded lock, which pins whatever the stack's own requirements name."""
+    for name, stack in STACKS.items():
+        assert stack.lock.is_file(), f"stack {name!r} has no lock: python -m tests.lock_stacks {name}"
+        pins = {line.split("==")[0].lower().replace("_", "-") for line in stack.lock.read_text().splitlines()[1:]}
+        for requirement in stack.requirements + stack.no_deps:
+            project = requirement.split("==")[0].split("<")[0].split(">")[0].lower().replace("_", "-")
+            assert project == "torch" or project in pins, f"{name}: {project} missing from {stack.lock}"
+
+
+def test_failed_install_says_what_pip_said(tmp_path, monkeypatch):
+    """A failed stack install raises with pip's own reason and the free disk, not a bare exit status."""
+    monkeypatch.setattr(stacks, "VENVS", tmp_path)
+
+    class Here(stacks.Stack):
+        python = sys.executable  # this process's own pip, kept offline below
+
+    stack = Here(name="broken", requirements=())
+    stack.path.mkdir()
+    with pytest.raises(stacks.StackBuildError, match=r"(?s)'broken'.*GiB free.*no-such-project-vr.*No matching"):
+        stacks._pip(stack, ["--no-index", "no-such-project-vr"])
