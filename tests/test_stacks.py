@@ -25,7 +25,11 @@ BUILDS = int(os.environ.get("VR_STACK_BUILDS", "3"))
 @pytest.fixture(scope="module")
 def built(request):
     """Every selected stack's venv, built (or reused) concurrently before the first stack's tests run."""
-    names = sorted({item.callspec.params["name"] for item in request.session.items if item.module.__name__ == __name__})
+    names = sorted(
+        item.callspec.params["name"]
+        for item in request.session.items
+        if item.module.__name__ == __name__ and item.originalname == "test_suite_in_stack"
+    )
     with ThreadPoolExecutor(max_workers=max(1, BUILDS)) as pool:
         futures = {name: pool.submit(ensure, STACKS[name]) for name in names}
     return {name: future for name, future in futures.items()}
