@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -163,19 +164,26 @@ class StackBuildError(RuntimeError):
 
 
 def _pip(stack: Stack, args: list) -> None:
-    """``pip install ARGS`` into the stack's venv (with its lock as constraints), tried PIP_ATTEMPTS times."""
+    """``pip install ARGS`` into the stack's venv: against its lock, once more, then (with a warning) without it.
+
+    The last try resolves afresh, for a registry that lacks a locked release; the warning shows in pytest's summary.
+    """
     command = [str(stack.python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *args]
-    if stack.lock.is_file():
-        command += ["-c", str(stack.lock)]
-    for _ in range(PIP_ATTEMPTS):
-        run = subprocess.run(command, capture_output=True, text=True)
+    locks = [["-c", str(stack.lock)]] * PIP_ATTEMPTS + [[]] if stack.lock.is_file() else [[]] * PIP_ATTEMPTS
+    log, failed = [], 0
+    for constraints in locks:
+        run = subprocess.run(command + constraints, capture_output=True, text=True)
         if run.returncode == 0:
+            if stack.lock.is_file() and not constraints:
+                reason = log[-1] if log else f"exit {failed}"
+                warnings.warn(f"stack {stack.name!r}: installed unlocked; {stack.lock}: {reason}", stacklevel=2)
             return
+        failed = run.returncode
         log = (run.stdout + run.stderr).strip().splitlines()
         log = [line for line in log if "is ignored: it is neither a file nor a directory" not in line]
     free = shutil.disk_usage(stack.path).free / 2**30
     raise StackBuildError(
-        f"stack {stack.name!r}: pip install failed {PIP_ATTEMPTS} times (exit {run.returncode}; {free:.1f} GiB free"
+        f"stack {stack.name!r}: pip install failed {len(locks)} times (exit {run.returncode}; {free:.1f} GiB free"
         f" on {stack.path}): {' '.join(args)}\n" + "\n".join(log[-40:])
     )
 

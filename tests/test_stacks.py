@@ -4,6 +4,7 @@ one virtual environment per host tool (tests/hosts/stack_<tool>.py)."""
 import os
 import subprocess
 import sys
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -69,3 +70,34 @@ def test_failed_install_says_what_pip_said(tmp_path, monkeypatch):
     stack.path.mkdir()
     with pytest.raises(stacks.StackBuildError, match=r"(?s)'broken'.*GiB free.*no-such-project-vr.*No matching"):
         stacks._pip(stack, ["--no-index", "no-such-project-vr"])
+
+
+def _wheel(folder, name="vr_probe", version="1.0"):
+    """A minimal pure-Python wheel, for pip runs that must stay offline."""
+    info = f"{name}-{version}.dist-info"
+    files = {
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{info}/RECORD": "",
+    }
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as archive:
+        for member, text in files.items():
+            archive.writestr(member, text)
+    return path
+
+
+def test_unsatisfiable_lock_falls_back_with_a_warning(tmp_path, monkeypatch):
+    """A lock the registry cannot satisfy is tried twice, then the install resolves afresh and says so."""
+    monkeypatch.setattr(stacks, "VENVS", tmp_path / "venvs")
+    monkeypatch.setattr(stacks, "LOCKS", tmp_path / "locks")
+
+    class Here(stacks.Stack):
+        python = sys.executable  # this process's own pip, in --dry-run: nothing is installed
+
+    stack = Here(name="probe", requirements=())
+    stack.path.mkdir(parents=True)
+    stacks.LOCKS.mkdir()
+    stack.lock.write_text("# probe\nvr-probe==9.9\n")
+    with pytest.warns(UserWarning, match=r"'probe': installed unlocked; .*probe\.txt"):
+        stacks._pip(stack, ["--dry-run", "--no-index", "--no-deps", str(_wheel(tmp_path))])
