@@ -220,6 +220,60 @@ def test_vr_pruned_matches_the_pruned_checkpoint(workspace, llava_hf):
     assert_same_state(by_index.model.state_dict(), saved_state(workspace["pruned"]))
 
 
+def nll_by_hand(path: str, docs: list, continuations: list) -> list:
+    """Mean negative log-likelihood of each continuation after its image and question, by log-softmax over the logits
+    of ``path`` loaded by plain transformers (the prompt's length counted with its image tokens expanded)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    template = processor.tokenizer.apply_chat_template
+    losses = []
+    for doc, text in zip(docs, continuations):
+        user = {"role": "user", "content": f"{processor.image_token}\n{doc['q']}"}
+        prompt = template([user], tokenize=False, add_generation_prompt=True)
+        whole = template([user, {"role": "assistant", "content": text}], tokenize=False)
+        inputs = processor(text=[whole], images=[doc["image"]], return_tensors="pt")
+        start = processor(text=[prompt], images=[doc["image"]], return_tensors="pt")["input_ids"].shape[1]
+        with torch.inference_mode():
+            logits = model(**inputs).logits[0]
+        tokens = inputs["input_ids"][0, start:]
+        assert len(tokens) > 0
+        losses.append(-logits[start - 1 : -1].log_softmax(-1).gather(-1, tokens[:, None]).mean().item())
+    return losses
+
+
+def test_vr_pruned_loglikelihood_scores_only_the_continuation(workspace):
+    """lmms-eval ``loglikelihood`` requests (multiple-choice tasks) on ``vr_pruned``: lmms-eval 0.7.3's own
+    ``llava_hf`` method fails on transformers 5; ours gives the mean NLL of exactly the continuation tokens, equal to
+    the one computed by hand on the pruned directory, for the simple and the chat class."""
+    from lmms_eval.api.instance import Instance
+
+    from vr_plugin.integrations import lmms_eval as integration
+
+    integration.register()
+    pruned_args = f"pretrained={workspace['trained']},scores={workspace['scores']},remove={REMOVE},dtype=float32"
+    docs = workspace["docs"]
+    continuations = [doc["a"] for doc in docs] + ["zebra crossing"] * len(docs)
+    expected = nll_by_hand(workspace["pruned"], docs * 2, continuations)
+    for simple in (True, False):
+        lm = build("vr_pruned", pruned_args, simple)
+        lm.task_dict = {TASK: {"test": docs}}
+        requests = [
+            Instance(
+                "loglikelihood",
+                (docs[i % len(docs)]["q"], text, lambda doc: [doc["image"]], i % len(docs), TASK, "test"),
+                i,
+                {"task": TASK, "doc_id": i % len(docs), "repeats": 1},
+            )
+            for i, text in enumerate(continuations)
+        ]
+        results = lm.loglikelihood(requests)
+        assert all(isinstance(greedy, bool) for _, greedy in results)
+        assert [loss for loss, _ in results] == pytest.approx(expected, rel=1e-5)
+    assert expected[0] != pytest.approx(expected[len(docs)])
+
+
 def config_only(workspace, tmp_path) -> str:
     """A copy of the trained directory without its weights: loading them would fail with OSError."""
     folder = tmp_path / "no-weights"

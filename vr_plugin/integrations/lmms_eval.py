@@ -23,7 +23,16 @@ import os
 import sys
 from typing import Any, Optional
 
-__all__ = ["MODEL_ID", "PRUNE_OPTIONS", "manifests", "main", "prune_options", "pruned_class", "register"]
+__all__ = [
+    "MODEL_ID",
+    "PRUNE_OPTIONS",
+    "llava_hf_loglikelihood",
+    "manifests",
+    "main",
+    "prune_options",
+    "pruned_class",
+    "register",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -156,12 +165,56 @@ def _single_process() -> bool:
     return PartialState().num_processes == 1
 
 
-def pruned_class(base: type, name: Optional[str] = None) -> type:
+def llava_hf_loglikelihood(self: Any, requests: list) -> list:
+    """lmms-eval's ``llava_hf`` log-likelihood (mean NLL of the continuation, greedy match), with its context tokens
+    counted on the prompt *with* its images.
+
+    lmms-eval 0.7.3's own method tokenizes the context without the images, which transformers 5's processors refuse
+    and which older ones count short (the ``<image>`` token not expanded to its patch tokens, so the loss took in the
+    end of the prompt); and it compares the continuation with the logits one position late. Same return convention:
+    ``(loss, is_greedy)`` per request, lower loss = likelier (lmms-eval's multiple choice takes the argmin).
+    """
+    import torch
+    from tqdm import tqdm
+
+    processor = self._image_processor
+    image_token = getattr(processor, "image_token", "<image>")
+    if self.chat_template is not None:
+        self.tokenizer.chat_template = self.chat_template
+    elif self.tokenizer.chat_template is None:
+        from lmms_eval.models.simple.llava_hf import VICUNA_CHAT_TEMPLATE
+
+        self.tokenizer.chat_template = VICUNA_CHAT_TEMPLATE
+    results = []
+    for context, target, doc_to_visual, doc_id, task, split in tqdm(
+        [request.args for request in requests], disable=self.rank != 0, desc="Model Responding"
+    ):
+        doc = self.task_dict[task][split][doc_id]
+        continuation = target if isinstance(target, str) else target(doc)
+        visuals = [visual for group in [doc_to_visual(doc)] for visual in group]
+        user = {"role": "user", "content": " ".join([image_token] * len(visuals)) + f"\n{context}"}
+        prompt = self.tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+        whole = self.tokenizer.apply_chat_template(
+            [user, {"role": "assistant", "content": continuation}], tokenize=False
+        )
+        inputs = processor(text=[whole], images=visuals, return_tensors="pt").to(self._device, self.model.dtype)
+        start = processor(text=[prompt], images=visuals, return_tensors="pt")["input_ids"].shape[1]
+        labels = inputs["input_ids"].clone()
+        labels[:, :start] = -100
+        with torch.inference_mode():
+            outputs = self.model(**inputs, labels=labels)
+        greedy = outputs.logits[:, start - 1 : -1].argmax(dim=-1)
+        results.append((float(outputs.loss), bool((greedy == inputs["input_ids"][:, start:]).all())))
+    return results
+
+
+def pruned_class(base: type, name: Optional[str] = None, methods: Optional[dict] = None) -> type:
     """A subclass of the lmms-eval model class ``base`` whose model is pruned outside its region after loading.
 
     ``base`` must keep its model at ``self.model`` (lmms-eval's HF models do) and take ``pretrained=``. The prune
     record is kept as ``self.pruning``; on one process an empty ``device_map`` becomes ``device`` (transformers 5
-    refuses ``device_map=""``, lmms-eval's ``llava_hf`` default).
+    refuses ``device_map=""``, lmms-eval's ``llava_hf`` default). ``methods`` are set on the class too (fixes of
+    ``base``'s own, e.g. :func:`llava_hf_loglikelihood`).
     """
 
     def __init__(self, pretrained: str = "", **model_args: Any) -> None:
@@ -177,7 +230,8 @@ def pruned_class(base: type, name: Optional[str] = None) -> type:
 
     cls_name = name or f"VRPruned{base.__name__}"
     doc = f"lmms-eval's {base.__module__}.{base.__name__}, pruned outside the visual region after loading."
-    return type(cls_name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": MODULE})
+    namespace = {"__init__": __init__, "__doc__": doc, "__module__": MODULE, **(methods or {})}
+    return type(cls_name, (base,), namespace)
 
 
 def __getattr__(name: str) -> type:
@@ -188,7 +242,8 @@ def __getattr__(name: str) -> type:
         import importlib
 
         module, attribute = _BASES[name]
-        _BUILT[name] = pruned_class(getattr(importlib.import_module(module), attribute), name)
+        base = getattr(importlib.import_module(module), attribute)
+        _BUILT[name] = pruned_class(base, name, {"loglikelihood": llava_hf_loglikelihood})
     return _BUILT[name]
 
 
