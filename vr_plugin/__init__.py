@@ -42,6 +42,7 @@ _LAZY = {
     "load_scores": "score",
     "prune_outside_region": "prune",
     "RegionTrainer": "training",
+    "chunked_loss": "loss",
     "fsdp_config": "distributed",
 }
 
@@ -55,6 +56,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .freeze import RegionPlan, apply_visual_region  # noqa: F401
     from .locate import DecoderLayers, find_decoder_layers, map_parameters, num_layers_from_config  # noqa: F401
     from .lora import apply_region_lora, prepare_qlora, region_lora_config, region_param_groups  # noqa: F401
+    from .loss import chunked_loss  # noqa: F401
     from .prune import prune_outside_region  # noqa: F401
     from .quant import bnb_config, load_for_region, load_quantized  # noqa: F401
     from .record import read_pruning, read_region  # noqa: F401

@@ -501,7 +501,7 @@ def add_train_options(parser: argparse.ArgumentParser, exclude: tuple = ()) -> N
     ``exclude`` holds destination names (``"visual_region"``); ``vr-plugin sweep`` uses it to take every train
     flag but the region. TrainingArguments flags are not added here: they are the remaining arguments.
     """
-    from .options import DataOptions, LoraOptions, QuantOptions, RegionOptions, add_option_flags
+    from .options import DataOptions, LoraOptions, MemoryOptions, QuantOptions, RegionOptions, add_option_flags
 
     p = _Excluding(parser, set(exclude))
     add_option_flags(p, DataOptions, exclude, only=("model", "data", "images"))
@@ -509,7 +509,7 @@ def add_train_options(parser: argparse.ArgumentParser, exclude: tuple = ()) -> N
     _overwrite_flag(p)
     add_option_flags(p, RegionOptions, exclude, only=("visual_region",))
     add_option_flags(p, RegionOptions, exclude=("visual_region", *exclude))
-    for options in (LoraOptions, QuantOptions):
+    for options in (LoraOptions, QuantOptions, MemoryOptions):
         add_option_flags(p, options, exclude)
     add_option_flags(p, DataOptions, exclude=("model", "data", "images", *exclude))
 

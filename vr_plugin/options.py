@@ -3,8 +3,8 @@
 * :class:`RegionSwitches` -- what trains beside the region layers (embeddings, lm_head, norm, projector) and where
   the layers are; shared by :class:`RegionOptions` (``vr-plugin train``/``sweep``) and
   :class:`vr_plugin.args.RegionArguments` (the LLaVA / Bunny argument hooks).
-* :class:`RegionOptions`, :class:`LoraOptions`, :class:`QuantOptions`, :class:`DataOptions` -- the parts of
-  :class:`vr_plugin.training.RegionTrainingConfig`, which is all four together.
+* :class:`RegionOptions`, :class:`LoraOptions`, :class:`QuantOptions`, :class:`MemoryOptions`,
+  :class:`DataOptions` -- the parts of :class:`vr_plugin.training.RegionTrainingConfig`, which is all of them.
 
 Each field's ``metadata`` carries its help text and its ``choices`` (``add_argument`` keywords only, as
 ``transformers.HfArgumentParser`` passes them through); ``NEGATIVE_FLAGS`` names a switch's opposite
@@ -20,6 +20,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
+from .loss import DEFAULT_LOSS_CHUNK
 from .spec import ACCEPTED_FORMS, DEFAULT_SPEC
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "QUANT_FROZEN",
     "DataOptions",
     "LoraOptions",
+    "MemoryOptions",
     "QuantOptions",
     "RegionOptions",
     "RegionSwitches",
@@ -131,6 +133,23 @@ class QuantOptions:
             from .backends.bitsandbytes import require
 
             require("--bits / --quantize_frozen load the LLM through bitsandbytes")
+
+
+@dataclass
+class MemoryOptions:
+    """How a training step spends memory beyond what loading decides."""
+
+    loss_chunk: Optional[int] = field(
+        default=None,
+        **_help(
+            "Compute the loss N labelled positions at a time, never the whole logits over the vocabulary "
+            f"(at Llama-3's 128k vocabulary and 2048 positions, N={DEFAULT_LOSS_CHUNK} saves 2.7 GB)."
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if self.loss_chunk is not None and self.loss_chunk < 1:
+            raise ValueError(f"loss_chunk must be >= 1 positions, got {self.loss_chunk}")
 
 
 @dataclass

@@ -38,7 +38,7 @@ from .callback import RegionFreezeCallback
 from .freeze import RegionPlan
 from .lora import region_param_groups
 from .model_io import ADAPTER_CONFIG, save_model
-from .options import DTYPE_NAMES, DataOptions, LoraOptions, QuantOptions, RegionOptions
+from .options import DTYPE_NAMES, DataOptions, LoraOptions, MemoryOptions, QuantOptions, RegionOptions
 from .record import RegionRecord, read_region, save_region_file, write_region
 
 __all__ = [
@@ -58,15 +58,15 @@ DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 @dataclass
-class RegionTrainingConfig(QuantOptions, LoraOptions, RegionOptions, DataOptions):
+class RegionTrainingConfig(MemoryOptions, QuantOptions, LoraOptions, RegionOptions, DataOptions):
     """What to train, apart from the ``transformers.TrainingArguments`` (optimizer, schedule, batch, ...).
 
-    The fields are those of :mod:`vr_plugin.options` (data, region, LoRA, quantization), each part checking its own
-    values on construction; this class adds the checks across parts (which of full / LoRA / QLoRA / hybrid).
+    The fields are those of :mod:`vr_plugin.options` (data, region, LoRA, quantization, memory), each part checking
+    its own values on construction; this class adds the checks across parts (which of full / LoRA / QLoRA / hybrid).
     """
 
     def __post_init__(self) -> None:
-        for part in (DataOptions, RegionOptions, LoraOptions, QuantOptions):
+        for part in (DataOptions, RegionOptions, LoraOptions, QuantOptions, MemoryOptions):
             part.__post_init__(self)
         if self.bits and not self.lora:
             raise ValueError(
@@ -172,17 +172,47 @@ class RegionTrainer(Trainer):
     """
 
     def __init__(
-        self, *args: Any, projector_lr: Optional[float] = None, hybrid: Optional[bool] = None, **kwargs: Any
+        self,
+        *args: Any,
+        projector_lr: Optional[float] = None,
+        hybrid: Optional[bool] = None,
+        loss_chunk: Optional[int] = None,
+        **kwargs: Any,
     ) -> None:
-        self.projector_lr = projector_lr
+        self.projector_lr, self.loss_chunk = projector_lr, loss_chunk
+        model = kwargs.get("model", args[0] if args else None)
         if hybrid is None:
-            model = kwargs.get("model", args[0] if args else None)
             hybrid = getattr(model, "hf_quantizer", None) is not None and not hasattr(model, "peft_config")
         if not hybrid:
             super().__init__(*args, **kwargs)
-            return
-        with hybrid_quantized_allowed():
-            super().__init__(*args, **kwargs)
+        else:
+            with hybrid_quantized_allowed():
+                super().__init__(*args, **kwargs)
+        if loss_chunk is not None:
+            self._check_loss_chunk(model)
+
+    def _check_loss_chunk(self, model: Any) -> None:
+        """``loss_chunk`` computes the model's own loss: refused where the Trainer would compute another one."""
+        from .loss import check_chunkable
+
+        if self.label_smoother is not None or self.compute_loss_func is not None:
+            raise ValueError(
+                "loss_chunk computes the model's own loss: drop label_smoothing_factor / compute_loss_func"
+            )
+        check_chunkable(model)
+
+    def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False, **kwargs: Any) -> Any:
+        """The Trainer's loss; in training with ``loss_chunk``, computed by :func:`vr_plugin.loss.chunked_loss`
+        (the returned outputs' logits are then empty)."""
+        if self.loss_chunk is None or not model.training or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, **kwargs)
+        from .loss import chunked_loss
+
+        with chunked_loss(model, self.loss_chunk) as probe:
+            result = super().compute_loss(model, inputs, return_outputs, **kwargs)
+        if probe.calls != 1:
+            raise RuntimeError(f"loss_chunk: the model computed {probe.calls} losses in one forward, expected 1")
+        return result
 
     def create_optimizer(self, model: Any = None) -> Any:
         if self.projector_lr is None or self.optimizer is not None:  # transformers < 5 takes no model argument
@@ -356,6 +386,7 @@ def train(
         callbacks=[callback],
         projector_lr=config.projector_lr,
         hybrid=bool(config.quantize_frozen),
+        loss_chunk=config.loss_chunk,
     )
     if not print_logs:
         trainer.remove_callback(PrinterCallback)
