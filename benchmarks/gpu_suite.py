@@ -13,6 +13,7 @@ order under a wall-clock budget (default 480 s); what the budget leaves out is l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -29,6 +30,7 @@ import benchlib
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN_MODES = ("hybrid", "region", "full", "lora_all", "lora_region", "qlora_region")
 QUANTIZED = ("hybrid", "qlora_region")
+LOSS_CHUNK = 256  # the hybrid again with the loss over the vocabulary in chunks (vr-plugin train --loss_chunk)
 GB = 1e9
 
 
@@ -76,13 +78,17 @@ def attentions(args: argparse.Namespace) -> list:
     return ["sdpa", *second]
 
 
-def train_jobs(group: str, preset: str, attention: str, gc: bool, modes: tuple = TRAIN_MODES) -> list:
-    """One job per mode; the quantized modes need the preset's base checkpoint, saved by a job of its own."""
+def train_jobs(
+    group: str, preset: str, attention: str, gc: bool, modes: tuple = TRAIN_MODES, loss_chunk: Optional[int] = None
+) -> list:
+    """One job per mode; the quantized modes need the preset's base checkpoint, saved by a job of its own (reused
+    when an earlier group saved it). ``loss_chunk``: the loss in chunks of that many positions (vr_plugin.loss)."""
     jobs = []
     for mode in modes:
         if mode in QUANTIZED and not any(j["kind"] == "save_base" for j in jobs):
             jobs.append({"kind": "save_base", "group": group, "preset": preset})
-        jobs.append({"kind": "train", "group": group, "preset": preset, "mode": mode, "attention": attention, "gc": gc})
+        job = {"kind": "train", "group": group, "preset": preset, "mode": mode, "attention": attention, "gc": gc}
+        jobs.append({**job, "loss_chunk": loss_chunk} if loss_chunk else job)
     return jobs
 
 
@@ -98,6 +104,7 @@ def job_groups(args: argparse.Namespace) -> list:
         ("targets", train_jobs("targets", big, sdpa, True)),
         ("inference", [{"kind": k, "group": "inference", "preset": small} for k in ("prune", "score")]),
         ("no_checkpointing", train_jobs("no_checkpointing", big, sdpa, False, switched)),
+        ("loss_chunk", train_jobs("loss_chunk", big, sdpa, True, ("hybrid",), loss_chunk=LOSS_CHUNK)),
     ]
     for attention in others:
         modes = ("region", "hybrid") if args.tiny else TRAIN_MODES
@@ -113,7 +120,8 @@ def job_label(job: dict) -> str:
     """A short readable name of a job."""
     if job["kind"] != "train":
         return f"{job['kind']} {job['preset']}"
-    return f"{job['mode']} {job['preset']} {job['attention']} gc={'on' if job['gc'] else 'off'}"
+    chunk = f" loss_chunk={job['loss_chunk']}" if job.get("loss_chunk") else ""
+    return f"{job['mode']} {job['preset']} {job['attention']} gc={'on' if job['gc'] else 'off'}{chunk}"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -194,6 +202,8 @@ def train_job(job: dict, args: argparse.Namespace, model_dir: Optional[str]) -> 
     import torch
     import train_step
 
+    from vr_plugin.loss import chunked_loss
+
     step_args = train_step.parse_args(train_argv(job, args))
     shape = benchlib.resolve_shape(step_args)
     benchlib.setup_process(step_args)
@@ -205,10 +215,11 @@ def train_job(job: dict, args: argparse.Namespace, model_dir: Optional[str]) -> 
     used = set_attention(model, job["attention"])
     batch = benchlib.cast_floats(benchlib.make_batch(shape, device=args.device), torch.bfloat16)
     model.train()
-    warm = timed_step(model, optimizer, batch, args.device)
-    setup_peak, setup_reserved = memory.peak() - base, memory.peak_reserved()
-    memory.reset_peak()
-    steps = [timed_step(model, optimizer, batch, args.device) for _ in range(args.steps)]
+    with chunked_loss(model, job["loss_chunk"]) if job.get("loss_chunk") else contextlib.nullcontext():
+        warm = timed_step(model, optimizer, batch, args.device)
+        setup_peak, setup_reserved = memory.peak() - base, memory.peak_reserved()
+        memory.reset_peak()
+        steps = [timed_step(model, optimizer, batch, args.device) for _ in range(args.steps)]
     states = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
     return {
         "attention_used": used,
@@ -403,6 +414,7 @@ def train_rows(records: list) -> list:
         if job["kind"] != "train":
             continue
         row = {key: job[key] for key in ("group", "preset", "mode", "attention", "gc")}
+        row["loss_chunk"] = job.get("loss_chunk")
         row["status"] = "ok" if record.get("ok") else record.get("error", "failed")
         result = record.get("result") or {}
         for key in ("step_s", "forward_s", "backward_s", "optimizer_s", "trainable", "optimizer", "attention_used"):
@@ -460,6 +472,11 @@ def suite_targets(rows: list, prune: Optional[dict], score: Optional[dict]) -> l
         mode = {"region": "region", "hybrid": "hybrid"}.get(target["target"].split()[0], "lora_region")
         if target["measured"] is None and mode in failed:
             target["measured"] = failed[mode]
+    chunked = next((r for r in rows if r["group"] == "loss_chunk" and r["mode"] == "hybrid"), None)
+    if chunked is not None:  # beside the hybrid's own rows, before the inference targets
+        name = f"hybrid + loss_chunk {LOSS_CHUNK} peak max_memory_allocated, GB (24 GB card)"
+        row = benchlib.target(name, chunked["peak_gb"] if chunked["status"] == "ok" else None, 22)
+        targets.insert(5, row if chunked["status"] == "ok" else {**row, "measured": chunked["status"]})
     return targets
 
 

@@ -20,6 +20,7 @@ region); a measured sequence probe carries it from the proxy's sequence to 2048.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -106,6 +107,9 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     parser.add_argument("--kill-gib", type=float, default=9.5, help="a measurement whose RSS passes this is stopped")
     parser.add_argument("--budget-s", type=float, default=1200.0, help="skip the remaining configurations after")
     parser.add_argument("--workdir", help="where the hybrid's base checkpoints are saved (default: a temp dir)")
+    parser.add_argument(
+        "--loss-chunk", type=int, help="the loss over the vocabulary in chunks of N positions (vr-plugin --loss_chunk)"
+    )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -176,9 +180,12 @@ def parameter_counts(shape: benchlib.Shape) -> dict:
     return counts
 
 
-def analytic_floor(mode: str, n_frozen: int, n_region: int, shape: benchlib.Shape, counts: dict) -> dict:
+def analytic_floor(
+    mode: str, n_frozen: int, n_region: int, shape: benchlib.Shape, counts: dict, loss_chunk: Optional[int] = None
+) -> dict:
     """Bytes that must be live at the end of the backward: weights, gradients, optimizer state, checkpointed layer
-    inputs and the logits (bf16, and the fp32 copy the loss takes). A floor: no attention or MLP intermediates."""
+    inputs and the logits (bf16, and the fp32 copy the loss takes; one chunk's with ``loss_chunk``). A floor: no
+    attention or MLP intermediates."""
     layer = counts["layer"]
     fixed = sum(v for k, v in counts.items() if k != "layer")
     frozen_bytes = NF4_BYTES if mode == "hybrid" else 2
@@ -189,7 +196,8 @@ def analytic_floor(mode: str, n_frozen: int, n_region: int, shape: benchlib.Shap
     grads = trainable * 2
     state = trainable * (ADAMW8BIT_BYTES if mode == "hybrid" else 4)  # torch AdamW keeps bf16 moments for bf16
     tokens = shape.batch * shape.seq
-    activations = (n_frozen + n_region) * tokens * shape.hidden * 2 + tokens * shape.vocab * (2 + 4)
+    logit_rows = min(tokens, loss_chunk) if loss_chunk else tokens
+    activations = (n_frozen + n_region) * tokens * shape.hidden * 2 + logit_rows * shape.vocab * (2 + 4)
     parts = dict(weights=weights, grads=grads, optimizer_state=state, activations=activations)
     return {**{k: int(v) for k, v in parts.items()}, "total": int(sum(parts.values()))}
 
@@ -256,6 +264,7 @@ def measure(config: Config, args: argparse.Namespace, model_dir: Optional[str]) 
     import train_step
 
     from vr_plugin._memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+    from vr_plugin.loss import chunked_loss
 
     benchlib.set_malloc_mmap_threshold()
     shape = config_shape(config, args)
@@ -273,7 +282,8 @@ def measure(config: Config, args: argparse.Namespace, model_dir: Optional[str]) 
         resting = rss_bytes() - base
         reset_peak_rss()
         step_started = time.perf_counter()
-        loss = model(**batch).loss
+        with chunked_loss(model, args.loss_chunk) if args.loss_chunk else contextlib.nullcontext():
+            loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -368,8 +378,10 @@ def summarize(rows: list, args: argparse.Namespace) -> dict:
             **result,
             "vocab": vocab,
             "extrapolated_bytes": at_seq,
-            "floor": analytic_floor(mode, n_frozen, n_region, dataclasses.replace(shape, vocab=vocab), counts),
-            "floor_2048": analytic_floor(mode, n_frozen, n_region, long, counts),
+            "floor": analytic_floor(
+                mode, n_frozen, n_region, dataclasses.replace(shape, vocab=vocab), counts, args.loss_chunk
+            ),
+            "floor_2048": analytic_floor(mode, n_frozen, n_region, long, counts, args.loss_chunk),
             "seq_correction": seq_fix,
         }
         if seq_fix is not None:
@@ -473,7 +485,9 @@ def render(rows: list, summary: dict, args: argparse.Namespace) -> str:
     """The markdown report: measurements, fits, and the answer for the hybrid."""
     shape = base_shape(args)
     lines = [
-        f"Shape: {shape.describe()}; bf16, gradient checkpointing on, batch {shape.batch}; each configuration in its "
+        f"Shape: {shape.describe()}; bf16, gradient checkpointing on, batch {shape.batch}; loss "
+        f"{f'in chunks of {args.loss_chunk} positions' if args.loss_chunk else 'over the whole logits'}; each "
+        "configuration in its "
         "own forked process; peak = peak RSS of one training step above the bare interpreter (optimizer state "
         "allocated before it); GB = 10^9 bytes.",
         "",
@@ -522,7 +536,7 @@ def row_for(config: Config, args: argparse.Namespace, counts: dict) -> dict:
         "n_region": config.n_region,
         "seq": config.seq,
         "vocab": config.vocab,
-        "floor": analytic_floor(config.mode, config.n_frozen, config.n_region, shape, counts),
+        "floor": analytic_floor(config.mode, config.n_frozen, config.n_region, shape, counts, args.loss_chunk),
         "ok": False,
     }
 
@@ -583,7 +597,7 @@ def main(argv: Optional[list] = None) -> dict:
     benchlib.preload(
         "numpy", "transformers.models.llava.modeling_llava", "bitsandbytes", "accelerate", "safetensors.torch"
     )
-    benchlib.preload("vr_plugin.freeze", "vr_plugin.quant", "train_step")
+    benchlib.preload("vr_plugin.freeze", "vr_plugin.quant", "vr_plugin.loss", "train_step")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vr_proxy_", dir=args.workdir) as workdir:
         rows = measure_all(args, workdir, started)

@@ -12,10 +12,11 @@ from vr_plugin import select_layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(ROOT, "benchmarks")
-SCRIPTS = ("train_step", "prune_latency", "score_cost")
+SCRIPTS = ("train_step", "prune_latency", "score_cost", "chunked_loss")
 
 sys.path.insert(0, BENCHMARKS)
 import benchlib  # noqa: E402
+import chunked_loss  # noqa: E402
 import prune_latency  # noqa: E402
 import score_cost  # noqa: E402
 import train_step  # noqa: E402
@@ -23,7 +24,7 @@ import train_step  # noqa: E402
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """All three scripts started at once with --quick (they overlap on a multi-core machine), JSON paths back."""
+    """All the scripts started at once with --quick (they overlap on a multi-core machine), JSON paths back."""
     out = tmp_path_factory.mktemp("bench")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     procs = {}
@@ -89,6 +90,15 @@ def test_score_cost_json(runs):
     for row in memory.values():
         assert {"mib_8", "mib_16", "growth_mib", "growth_hidden_states"} <= set(row)
     assert len(report["targets"]) == 2
+
+
+def test_chunked_loss_json(runs):
+    report = _report(runs, "chunked_loss")
+    rows = report["rows"]
+    assert [row["mode"] for row in rows] == list(chunked_loss.MODES)
+    for row in rows:
+        assert row["error"] is None and row["peak_gb"] >= 0 and row["seconds"] > 0, row
+        assert row["loss"] == pytest.approx(rows[0]["loss"], rel=1e-3)  # one loss, three ways of computing it
 
 
 @pytest.mark.parametrize("module", [train_step, prune_latency, score_cost])

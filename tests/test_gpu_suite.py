@@ -45,6 +45,9 @@ def test_every_mode_measured(dry_run):
     assert no_gc["status"] == "ok" and no_gc["gc"] is False
     for mode in ("region", "hybrid"):  # the second attention (flash-attn 2 on a GPU; eager here) really switched
         assert rows[("eager", mode)]["status"] == "ok" and rows[("eager", mode)]["attention_used"] == "eager"
+    chunked = rows[("loss_chunk", "hybrid")]  # the hybrid again, its loss in chunks: same trainable set
+    assert chunked["status"] == "ok" and chunked["loss_chunk"] == gpu_suite.LOSS_CHUNK
+    assert chunked["trainable"] == rows[("targets", "hybrid")]["trainable"]
 
 
 def test_oom_is_reported_and_the_suite_goes_on(dry_run):
@@ -67,6 +70,7 @@ def test_inference_and_report(dry_run):
         "hybrid peak max_memory_reserved, GB (24 GB card)",
         "region full-parameter bf16 peak reserved, GB (80 GB card)",
     ]
+    assert names[5] == f"hybrid + loss_chunk {gpu_suite.LOSS_CHUNK} peak max_memory_allocated, GB (24 GB card)"
     assert any(n.startswith("decode speedup / ideal") for n in names) and "score_layers time / plain forward" in names
     assert report["dry_run"] and "Dry run" in markdown and "## Targets" in markdown
     assert proc.stdout.rstrip().splitlines()[-1].startswith("| score_layers peak growth")  # the target table ends it
@@ -77,7 +81,7 @@ def test_plan_without_a_gpu():
     args = gpu_suite.parse_args([])
     assert args.device == "cuda" and args.budget_s == 480 and not args.tiny
     groups = dict(gpu_suite.job_groups(args))
-    assert list(groups)[:3] == ["targets", "inference", "no_checkpointing"] and "vicuna-7b" in groups
+    assert list(groups)[:4] == ["targets", "inference", "no_checkpointing", "loss_chunk"] and "vicuna-7b" in groups
     modes = [j["mode"] for j in groups["targets"] if j["kind"] == "train"]
     assert sorted(modes) == sorted(gpu_suite.TRAIN_MODES)
     assert {j["preset"] for j in groups["targets"]} == {"llama3-8b"}

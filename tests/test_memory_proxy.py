@@ -46,9 +46,11 @@ def restored():
     os.environ.update(environ)
 
 
-def test_tiny_hybrid_run(tmp_path, restored):
+@pytest.mark.parametrize("loss_chunk", [None, 16])
+def test_tiny_hybrid_run(tmp_path, restored, loss_chunk):
     out = tmp_path / "proxy.json"
-    report = memory_proxy.main(["--tiny", "--modes", "hybrid", "--threads", "1", "--out", str(out)])
+    chunking = ["--loss-chunk", str(loss_chunk)] if loss_chunk else []
+    report = memory_proxy.main(["--tiny", "--modes", "hybrid", "--threads", "1", "--out", str(out), *chunking])
     assert json.loads(out.read_text())["benchmark"] == "memory_proxy"
     rows = report["rows"]
     assert [r["status"] for r in rows] == ["ok"] * 4, [r["status"] for r in rows]
@@ -69,9 +71,10 @@ def test_tiny_hybrid_run(tmp_path, restored):
     assert answer["peak_gb"] == pytest.approx(hybrid["extrapolated_2048_bytes"] / 1e9)
     assert answer["margin_gb"] == pytest.approx(22 - answer["peak_gb"])
     text = memory_proxy.render(
-        rows, {"fits": report["fits"], "hybrid_answer": answer}, memory_proxy.parse_args(["--tiny"])
+        rows, {"fits": report["fits"], "hybrid_answer": answer}, memory_proxy.parse_args(["--tiny", *chunking])
     )
     assert "Hybrid at 32 layers" in text and "fit residual MB" in text
+    assert ("in chunks of 16 positions" in text) == bool(loss_chunk)
 
 
 def test_bad_mode_is_refused(capsys):
