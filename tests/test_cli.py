@@ -410,8 +410,10 @@ def test_score_and_prune_bad_inputs(capsys, tmp_path, llava, data):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_train_under_deepspeed_zero3_two_ranks(tmp_path, llava, data):
-    """`deepspeed --module vr_plugin train` (it inserts --local_rank before the subcommand), ZeRO-3, 2 CPU ranks."""
+@pytest.mark.parametrize("extra", [[], ["--loss_chunk", "4"]], ids=["plain", "loss_chunk"])
+def test_train_under_deepspeed_zero3_two_ranks(tmp_path, llava, data, extra):
+    """`deepspeed --module vr_plugin train` (it inserts --local_rank before the subcommand), ZeRO-3, 2 CPU ranks;
+    also with the loss in chunks (the partitioned lm_head gathered for every chunk, in forward and recompute)."""
     pytest.importorskip("deepspeed")
     import shutil
 
@@ -427,7 +429,7 @@ def test_train_under_deepspeed_zero3_two_ranks(tmp_path, llava, data):
         "--model", llava,
         "--data", data["train"], "--images", data["images"], "--output", out, "--max_steps", "2",
         "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--save_strategy", "no",
-        "--deepspeed", config, "--disable_tqdm", "true",
+        "--deepspeed", config, "--disable_tqdm", "true", *extra,
     ]  # fmt: skip
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     run = subprocess.run(list(map(str, command)), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

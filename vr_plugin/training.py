@@ -164,7 +164,8 @@ class RegionTrainer(Trainer):
     """``Trainer`` whose optimizer gives the projector its own learning rate (``projector_lr``, LLaVA's
     ``mm_projector_lr``) through :func:`vr_plugin.region_param_groups`, and which accepts hybrid models
     (:func:`vr_plugin.load_for_region`: quantized outside the region, full precision inside); otherwise the plain
-    ``Trainer``. ``hybrid`` defaults to "the model is a bitsandbytes model without PEFT adapters".
+    ``Trainer``. ``hybrid`` defaults to "the model is a bitsandbytes model without PEFT adapters". ``loss_chunk``:
+    the training loss N labelled positions at a time, never the whole logits (:func:`vr_plugin.chunked_loss`).
 
     Its ``checkpoint-*`` directories keep the runtime parameter names, so ``resume_from_checkpoint`` restores the
     weights exactly (with the plain Trainer of transformers 5 they do not come back); a checkpoint that loads only
