@@ -169,14 +169,15 @@ def test_late_callback_under_deepspeed_stops_clearly(tmp_path):
     assert "attached after the Trainer built its optimizer" in log
 
 
-@pytest.mark.parametrize("version", [1, 2])
-def test_fsdp_region_training(tmp_path, version):
-    """FSDP through the HF Trainer and accelerate, one unit per decoder layer, gloo on two CPU ranks."""
+@pytest.mark.parametrize("version,extra", [(1, []), (2, []), (2, ["--loss_chunk", "4"])], ids=["1", "2", "2-chunked"])
+def test_fsdp_region_training(tmp_path, version, extra):
+    """FSDP through the HF Trainer and accelerate, one unit per decoder layer, gloo on two CPU ranks; FSDP2 also
+    through RegionTrainer with the loss in chunks (lm_head called per chunk, in forward and recompute)."""
     initial = _initial(tmp_path)
     command = [
         _launcher("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
         os.path.join(HERE, "fsdp_train.py"), "--model_dir", str(tmp_path / "init"), "--version", str(version),
-        "--result", str(tmp_path / "result"), "--output_dir", str(tmp_path / "out"),
+        "--result", str(tmp_path / "result"), "--output_dir", str(tmp_path / "out"), *extra,
     ]  # fmt: skip
     run, log = _run(command, tmp_path)
     assert run.returncode == 0, log[-6000:]

@@ -19,7 +19,7 @@ from transformers import LlavaForConditionalGeneration, Trainer, TrainingArgumen
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from tests.common import LlavaSynthetic, collate, freeze_vision  # noqa: E402
-from vr_plugin import RegionFreezeCallback, find_decoder_layers  # noqa: E402
+from vr_plugin import RegionFreezeCallback, RegionTrainer, find_decoder_layers  # noqa: E402
 from vr_plugin.callback import _clean_name, optimizer_parameters  # noqa: E402
 from vr_plugin.distributed import fsdp_config  # noqa: E402
 
@@ -54,6 +54,7 @@ def main():
     for name in ("--model_dir", "--result", "--output_dir"):
         parser.add_argument(name, required=True)
     parser.add_argument("--version", type=int, default=2)
+    parser.add_argument("--loss_chunk", type=int, help="train through RegionTrainer with the loss in chunks")
     ns = parser.parse_args()
 
     model = LlavaForConditionalGeneration.from_pretrained(ns.model_dir)
@@ -70,12 +71,14 @@ def main():
     _fsdp_on_cpu(args)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     callback = RegionFreezeCallback("uniform_0.25")
-    trainer = Trainer(
+    chunking = {"loss_chunk": ns.loss_chunk} if ns.loss_chunk else {}
+    trainer = (RegionTrainer if chunking else Trainer)(
         model=model,
         args=args,
         train_dataset=LlavaSynthetic(model.config, n=8),
         data_collator=collate,
         callbacks=[callback],
+        **chunking,
     )
     trainer.train()
     wrapped = trainer.model_wrapped
