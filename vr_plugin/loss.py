@@ -33,7 +33,12 @@ def _owner(model: Any) -> Any:
 
 
 def _forward_source(owner: Any) -> str:
-    return inspect.getsource(type(owner).forward)
+    """The source of the model class's ``forward``: what it does between ``lm_head`` and the loss."""
+    try:
+        return inspect.getsource(type(owner).forward)
+    except (OSError, TypeError) as error:
+        name = type(owner).__name__
+        raise ValueError(f"loss_chunk: cannot read {name}.forward to check its loss ({error})") from None
 
 
 def check_chunkable(model: Any) -> None:
