@@ -30,6 +30,8 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
+from .loss import IGNORE_INDEX
+
 __all__ = [
     "IGNORE_INDEX",
     "Collator",
@@ -52,7 +54,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 IMAGE_MARKER = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 # token-level keys of a sample (the sequence is their first dimension) and the value they are padded with (None: the

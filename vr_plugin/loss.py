@@ -16,10 +16,11 @@ name. Where the forward soft-caps the logits (Gemma's ``final_logit_softcapping`
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from typing import Any, Iterator, Optional
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label the loss skips (vr_plugin.data masks prompts and images with it)
 DEFAULT_LOSS_CHUNK = 256  # positions: 0.13 GB of fp32 logits at a 128k vocabulary (benchmarks/chunked_loss.py)
 # config fields a forward may rescale its logits by between lm_head and the loss (Cohere, Granite): not reproduced
 UNSUPPORTED_SCALINGS = ("logit_scale", "logits_scaling")
@@ -34,11 +35,16 @@ def _owner(model: Any) -> Any:
 
 def _forward_source(owner: Any) -> str:
     """The source of the model class's ``forward``: what it does between ``lm_head`` and the loss."""
+    return _class_forward_source(type(owner))
+
+
+@functools.cache
+def _class_forward_source(cls: type) -> str:
+    """Read once per class: :func:`chunked_loss` checks it at every training step."""
     try:
-        return inspect.getsource(type(owner).forward)
+        return inspect.getsource(cls.forward)
     except (OSError, TypeError) as error:
-        name = type(owner).__name__
-        raise ValueError(f"loss_chunk: cannot read {name}.forward to check its loss ({error})") from None
+        raise ValueError(f"loss_chunk: cannot read {cls.__name__}.forward to check its loss ({error})") from None
 
 
 def check_chunkable(model: Any) -> None:

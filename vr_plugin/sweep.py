@@ -262,7 +262,7 @@ def eval_loss(
     """
     import torch
 
-    from .data import Collator, ConversationDataset, batch_to_model
+    from .data import IGNORE_INDEX, Collator, ConversationDataset, batch_to_model
 
     dataset = ConversationDataset(records, image_folder, processor, max_length=max_length, source=source)
     collator = Collator(processor)
@@ -272,7 +272,7 @@ def eval_loss(
         with torch.no_grad():
             for first in range(0, len(dataset), batch_size):
                 batch = collator([dataset[i] for i in range(first, min(first + batch_size, len(dataset)))])
-                count = int((batch["labels"][:, 1:] != -100).sum())  # the tokens the shifted loss averages over
+                count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # the tokens the shifted loss averages over
                 if count:
                     total += float(model(**batch_to_model(batch, model)).loss) * count
                     tokens += count
